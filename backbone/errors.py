@@ -1,0 +1,28 @@
+"""Exceptions raised by the backbone package.
+
+Every message says what was wrong and what is accepted; none carries a stack
+trace or a tensor.
+"""
+
+from __future__ import annotations
+
+
+class BackboneError(Exception):
+    """A backbone spec that cannot be loaded: bad grammar, unknown architecture or
+    pretrained tag, unreadable or mismatched checkpoint."""
+
+
+class ConfigError(ValueError):
+    """A method name or method config that is not accepted."""
+
+
+class PromptFormatError(ValueError):
+    """Bytes that are not a valid Promptstore prompt artifact."""
+
+
+class PromptMismatch(ValueError):
+    """A prompt trained on one backbone offered to a backbone with another fingerprint."""
+
+
+class Cancelled(Exception):
+    """Tuning stopped because ``should_cancel()`` returned true."""

@@ -1,0 +1,460 @@
+"""Loading the frozen backbone from a spec string (grammar in shared/API.md).
+
+    LIBRARY:ARCH:WEIGHTS   LIBRARY in {open_clip, timm}
+    WEIGHTS = pretrained tag | path to .safetensors/.pt/.pth/.bin | random | random@SEED
+    auto    = open_clip:ViT-B-32:openai when cached or fetchable, else open_clip:ViT-B-32:random@0
+
+The model is frozen here and only here (``_freeze``). Weights are hashed once per
+process and file (``_weights_digest``) to form the fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import BackboneError
+from .towers import ImageFeatures, OpenClipVision, TextAdapter, TimmVision, TokenPrompts, VisionAdapter
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .artifacts import TrainedPrompt
+    from .serving import ResidentPrompt
+
+log = logging.getLogger(__name__)
+
+LIBRARIES = ("open_clip", "timm")
+AUTO_SPEC = "open_clip:ViT-B-32:openai"
+AUTO_FALLBACK_SPEC = "open_clip:ViT-B-32:random@0"
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+FINGERPRINT_HEX = 16
+_PROBE_HOSTS = (("huggingface.co", 443), ("openaipublic.azureedge.net", 443))
+_PROBE_TIMEOUT_S = 3.0
+
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+_registered = False
+_register_lock = threading.Lock()
+
+
+def register_model_configs() -> None:
+    """Register the project's open_clip configs (``tiny``) once, through open_clip's registry."""
+    global _registered
+    with _register_lock:
+        if _registered:
+            return
+        import open_clip
+
+        open_clip.add_model_config(_CONFIG_DIR)
+        _registered = True
+
+
+@dataclass(frozen=True)
+class ParsedSpec:
+    library: str
+    arch: str
+    kind: str  # "random" | "tag" | "path"
+    seed: int = 0
+    tag: str | None = None
+    path: str | None = None
+
+    @property
+    def resolved(self) -> str:
+        if self.kind == "random":
+            return f"{self.library}:{self.arch}:random@{self.seed}"
+        return f"{self.library}:{self.arch}:{self.tag if self.kind == 'tag' else self.path}"
+
+
+def parse_spec(spec: str) -> ParsedSpec:
+    """Parse ``LIBRARY:ARCH:WEIGHTS`` (not ``auto``); raise BackboneError naming the problem."""
+    parts = spec.split(":", 2)
+    if len(parts) != 3 or not all(parts):
+        raise BackboneError(
+            f"backbone spec {spec!r} is not LIBRARY:ARCH:WEIGHTS (e.g. open_clip:ViT-B-32:openai, "
+            "open_clip:tiny:random, timm:vit_base_patch16_224:augreg_in21k) or 'auto'"
+        )
+    library, arch, weights = parts
+    if library not in LIBRARIES:
+        raise BackboneError(f"backbone library {library!r} is not supported; use one of {list(LIBRARIES)}")
+    if weights == "random" or weights.startswith("random@"):
+        seed_text = weights.partition("@")[2] or "0"
+        try:
+            seed = int(seed_text)
+        except ValueError:
+            raise BackboneError(f"random seed {seed_text!r} in {spec!r} is not an integer (random@SEED)") from None
+        return ParsedSpec(library, arch, "random", seed=seed)
+    looks_like_path = weights.endswith(CHECKPOINT_SUFFIXES) or os.sep in weights or os.path.exists(weights)
+    if looks_like_path:
+        if not os.path.isfile(weights):
+            raise BackboneError(f"checkpoint file {weights!r} does not exist")
+        if not weights.endswith(CHECKPOINT_SUFFIXES):
+            raise BackboneError(f"checkpoint {weights!r} must end with one of {list(CHECKPOINT_SUFFIXES)}")
+        return ParsedSpec(library, arch, "path", path=weights)
+    return ParsedSpec(library, arch, "tag", tag=weights)
+
+
+# ---------------------------------------------------------------- hashing
+
+_DIGEST_CACHE: dict[tuple, str] = {}
+_DIGEST_LOCK = threading.Lock()
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every state-dict tensor, sorted by name."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _weights_digest(parsed: ParsedSpec, model: nn.Module, source_file: str | None) -> str:
+    key: tuple = (parsed.resolved,)
+    if source_file:
+        st = os.stat(source_file)
+        key += (os.path.realpath(source_file), st.st_size, st.st_mtime_ns)
+    with _DIGEST_LOCK:
+        if key in _DIGEST_CACHE:
+            return _DIGEST_CACHE[key]
+    digest = state_dict_sha256(model)
+    with _DIGEST_LOCK:
+        _DIGEST_CACHE[key] = digest
+    return digest
+
+
+# ---------------------------------------------------------------- the Backbone
+
+
+class Backbone:
+    """One frozen CLIP/ViT model and the token-level access the prompt methods need.
+
+    Attributes per the internal contract: spec, fingerprint, weights, library, device,
+    image_size, has_text, model; plus dtype (float32 on CPU, float16 on GPU), vision
+    (image tower adapter), text (text tower adapter or None), notice (the auto fallback
+    warning, else None).
+    """
+
+    def __init__(
+        self,
+        *,
+        spec: str,
+        library: str,
+        arch: str,
+        weights: str,
+        model: nn.Module,
+        device: torch.device,
+        digest: str,
+        preprocess_fn: Callable[[Any], torch.Tensor],
+        tokenizer: Callable[[list[str]], torch.Tensor] | None,
+        notice: str | None = None,
+    ):
+        self.spec = spec
+        self.library = library
+        self.arch = arch
+        self.weights = weights
+        self.model = model
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+        self.weights_sha256 = digest
+        self.fingerprint = f"{spec}#{digest[:FINGERPRINT_HEX]}"
+        self.notice = notice
+        self._preprocess_fn = preprocess_fn
+        self._tokenizer = tokenizer
+        if library == "open_clip":
+            self.vision: VisionAdapter = OpenClipVision(model.visual)
+            try:
+                self.text: TextAdapter | None = TextAdapter(model)
+            except BackboneError as exc:
+                log.warning("backbone %s: text-side methods unavailable: %s", spec, exc)
+                self.text = None
+            self.image_size = int(model.visual.image_size[0])
+        else:
+            self.vision = TimmVision(model)
+            self.text = None
+            self.image_size = int(model.patch_embed.img_size[0])
+        self.has_text = self.text is not None and tokenizer is not None
+
+    def __repr__(self) -> str:
+        return f"Backbone({self.fingerprint!r}, device={self.device}, dtype={self.dtype})"
+
+    def info(self) -> dict:
+        return {
+            "id": self.spec,
+            "fingerprint": self.fingerprint,
+            "weights": self.weights,
+            "device": str(self.device),
+            "library": self.library,
+        }
+
+    # ---- images
+
+    def preprocess(self, img: "Image.Image") -> torch.Tensor:
+        """PIL image -> (3, S, S) float32 CPU tensor, as the library's eval transform does it."""
+        out = self._preprocess_fn(img.convert("RGB"))
+        return out.to(torch.float32)
+
+    def encode_images(self, images: torch.Tensor, prompts: TokenPrompts | None = None) -> ImageFeatures:
+        """images (B, 3, S, S) any device/dtype -> ImageFeatures (model dtype, on device)."""
+        images = images.to(self.device, self.dtype)
+        return self.vision.forward(images, prompts)
+
+    # ---- text
+
+    def require_text(self, what: str) -> TextAdapter:
+        if not self.has_text:
+            raise BackboneError(
+                f"{what} needs a CLIP text tower, which backbone {self.spec} ({self.library}) does not have; "
+                "use an open_clip backbone or an image-side method (vpt-shallow, vpt-deep, padding, linear-probe)"
+            )
+        assert self.text is not None
+        return self.text
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:  # -> (T, L) long on device
+        self.require_text("tokenizing text")
+        assert self._tokenizer is not None
+        return self._tokenizer(texts).to(self.device)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:  # -> (T, E) model dtype
+        text = self.require_text("encoding text")
+        return text.encode(self.tokenize(texts))
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """exp(logit_scale) as a float32 scalar (100 for the OpenAI weights)."""
+        scale = getattr(self.model, "logit_scale", None)
+        if scale is None:
+            return torch.tensor(100.0, device=self.device)
+        return scale.detach().float().exp().reshape(())
+
+    # ---- serving
+
+    def prepare(self, prompt: "TrainedPrompt") -> "ResidentPrompt":
+        from .serving import prepare_resident
+
+        return prepare_resident(self, prompt)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    """The one place the backbone is locked: no gradients, eval mode for good."""
+    model.requires_grad_(False)
+    model.eval()
+    model.train = lambda mode=True: model  # type: ignore[method-assign]  # nobody flips it back
+    return model
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise BackboneError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1): {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackboneError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def _openclip_cached_file(arch: str, tag: str) -> str | None:
+    """Path of an already-downloaded open_clip pretrained file, without touching the network."""
+    import open_clip
+    from open_clip import pretrained as ocp
+
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if not cfg:
+        return None
+    if cfg.get("file"):
+        return cfg["file"] if os.path.isfile(cfg["file"]) else None
+    hf = cfg.get("hf_hub", "")
+    if hf and ocp.has_hf_hub():
+        from huggingface_hub import try_to_load_from_cache
+
+        model_id, filename = os.path.split(hf)
+        names = [filename] if filename else []
+        names = [n for f in names for n in (*ocp._get_safe_alternatives(f), f)]
+        names += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        for name in names:
+            found = try_to_load_from_cache(model_id, name)
+            if isinstance(found, str) and os.path.isfile(found):
+                return found
+    url = cfg.get("url", "")
+    if url:
+        target = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+        if os.path.isfile(target):
+            return target
+    return None
+
+
+def _network_reachable(timeout: float = _PROBE_TIMEOUT_S) -> bool:
+    """True if a weights host answers a TCP connect within ``timeout`` (DNS included)."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        for host, port in _PROBE_HOSTS:
+            try:
+                with socket.create_connection((host, port), timeout=timeout):
+                    result.append(True)
+                    return
+            except OSError:
+                continue
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout * len(_PROBE_HOSTS) + 0.5)
+    return bool(result)
+
+
+def _short(exc: BaseException, limit: int = 400) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _load_open_clip(parsed: ParsedSpec) -> tuple[nn.Module, Callable, Callable, str | None]:
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    register_model_configs()
+    if open_clip.get_model_config(parsed.arch) is None:
+        known = open_clip.list_models()
+        raise BackboneError(
+            f"unknown open_clip architecture {parsed.arch!r}; known include {known[:12]} ... "
+            f"({len(known)} in all, see open_clip.list_models())"
+        )
+    kwargs: dict[str, Any] = {"device": "cpu", "precision": "fp32", "weights_only": True}
+    source_file: str | None = None
+    if parsed.kind == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(parsed.seed)
+            model = open_clip.create_model(parsed.arch, pretrained=None, **kwargs)
+    else:
+        if parsed.kind == "tag":
+            tag_cfg = open_clip.get_pretrained_cfg(parsed.arch, parsed.tag)
+            if not tag_cfg:
+                tags = open_clip.list_pretrained_tags_by_model(parsed.arch)
+                raise BackboneError(
+                    f"unknown pretrained tag {parsed.tag!r} for open_clip:{parsed.arch}; known tags: {tags}; "
+                    "or give a checkpoint path, or random"
+                )
+            kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
+            cached = _openclip_cached_file(parsed.arch, parsed.tag)
+            if cached:
+                # load the cached file directly: no update check against the hub
+                pp = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+                kwargs["force_preprocess_cfg"] = pp
+                source, source_file = cached, cached
+            else:
+                source = parsed.tag
+        else:
+            source = source_file = parsed.path
+        try:
+            model = open_clip.create_model(parsed.arch, pretrained=source, require_pretrained=True, **kwargs)
+        except Exception as exc:  # open_clip raises RuntimeError/KeyError/OSError variously
+            raise BackboneError(f"could not load weights {parsed.resolved}: {_short(exc)}") from None
+    preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+    tokenizer = open_clip.get_tokenizer(parsed.arch)
+    return model, preprocess, tokenizer, source_file
+
+
+def _load_timm(parsed: ParsedSpec) -> tuple[nn.Module, Callable, None, str | None]:
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    if not timm.is_model(parsed.arch):
+        raise BackboneError(
+            f"unknown timm architecture {parsed.arch!r}; see timm.list_models('vit_*') "
+            "(pretrained tags go in the third field: timm:ARCH:TAG)"
+        )
+    source_file: str | None = None
+    try:
+        if parsed.kind == "random":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(parsed.seed)
+                model = timm.create_model(parsed.arch, pretrained=False, num_classes=0)
+        elif parsed.kind == "tag":
+            name = f"{parsed.arch}.{parsed.tag}"
+            if not timm.list_pretrained(name):
+                tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{parsed.arch}.*")]
+                raise BackboneError(f"unknown pretrained tag {parsed.tag!r} for timm:{parsed.arch}; known tags: {tags}")
+            model = timm.create_model(name, pretrained=True, num_classes=0)
+        else:
+            source_file = parsed.path
+            # timm's own loader: safetensors, or torch.load(weights_only=True); drops a classifier head
+            model = timm.create_model(
+                parsed.arch, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": parsed.path}
+            )
+    except BackboneError:
+        raise
+    except Exception as exc:
+        raise BackboneError(f"could not load weights {parsed.resolved}: {_short(exc)}") from None
+    preprocess = create_transform(**resolve_data_config({}, model=model))
+    return model, preprocess, None, source_file
+
+
+def load_backbone(spec: str = "auto", device: str | torch.device | None = None) -> Backbone:
+    """Load and freeze the backbone named by ``spec`` on ``device`` (default cuda if available).
+
+    fp32 on CPU, float16 on GPU. Raises BackboneError for a bad spec, an unknown
+    architecture or tag, or an unreadable checkpoint.
+    """
+    dev = _resolve_device(device)
+    notice = None
+    spec = spec.strip()
+    if spec == "auto":
+        parsed = parse_spec(AUTO_SPEC)
+        if _openclip_cached_file(parsed.arch, parsed.tag or "") is None and not _network_reachable():
+            notice = (
+                f"backbone 'auto': {AUTO_SPEC} weights are not cached and cannot be fetched; "
+                f"using RANDOM weights ({AUTO_FALLBACK_SPEC}); predictions are meaningless until real weights load"
+            )
+            parsed = parse_spec(AUTO_FALLBACK_SPEC)
+        else:
+            try:
+                return _load(parsed, dev, None)
+            except BackboneError as exc:
+                notice = (
+                    f"backbone 'auto': fetching {AUTO_SPEC} failed ({exc}); using RANDOM weights "
+                    f"({AUTO_FALLBACK_SPEC})"
+                )
+                parsed = parse_spec(AUTO_FALLBACK_SPEC)
+        log.warning(notice)
+    else:
+        parsed = parse_spec(spec)
+    return _load(parsed, dev, notice)
+
+
+def _load(parsed: ParsedSpec, dev: torch.device, notice: str | None) -> Backbone:
+    if parsed.library == "open_clip":
+        model, preprocess, tokenizer, source_file = _load_open_clip(parsed)
+    else:
+        model, preprocess, tokenizer, source_file = _load_timm(parsed)
+    model = _freeze(model)
+    digest = _weights_digest(parsed, model, source_file)  # fp32 CPU weights: device-independent
+    if dev.type == "cuda":
+        model = model.half()
+    model = model.to(dev)
+    return Backbone(
+        spec=parsed.resolved,
+        library=parsed.library,
+        arch=parsed.arch,
+        weights="random" if parsed.kind == "random" else "real",
+        model=model,
+        device=dev,
+        digest=digest,
+        preprocess_fn=preprocess,
+        tokenizer=tokenizer,
+        notice=notice,
+    )

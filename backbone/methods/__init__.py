@@ -1,0 +1,12 @@
+"""Prompt methods, registered by public name in this order (one import line each)."""
+
+from . import zeroshot  # noqa: F401
+from . import coop  # noqa: F401
+from . import cocoop  # noqa: F401
+from . import vpt_shallow  # noqa: F401
+from . import vpt_deep  # noqa: F401
+from . import padding  # noqa: F401
+from . import linear_probe  # noqa: F401
+from .registry import MethodSpec, get_method, method_names, parse_config, validate_config, describe_config
+
+__all__ = ["MethodSpec", "get_method", "method_names", "parse_config", "validate_config", "describe_config"]

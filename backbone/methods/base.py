@@ -1,0 +1,240 @@
+"""What every prompt method is made of: a config and a module.
+
+A method is a pydantic config (each field documented, unknown keys and invalid
+combinations rejected at construction) plus a ``PromptModule``: an nn.Module
+holding only the learned tensors, which reads the frozen backbone but never owns
+it (the backbone is not a child module, so ``module.parameters()`` are the prompt
+parameters and nothing else).
+
+How a module touches the image path decides how it is trained and served:
+  - "features": the image tower is untouched (zeroshot, coop, cocoop, linear-probe):
+    image features are computed once and cached while tuning, and shared by every
+    such image in a mixed batch.
+  - "pixels": a learned frame is added to the input image (padding).
+  - "tokens": prompt tokens enter the image token sequence (vpt-*).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from ..errors import BackboneError, ConfigError
+from ..towers import ImageFeatures, TokenPrompts
+
+if TYPE_CHECKING:
+    from ..loading import Backbone
+
+
+class MethodConfig(BaseModel):
+    """Fields every method accepts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int = Field(0, ge=0, description="Seed of the train/validation split, the initialisation and the batch order.")
+    val_fraction: float = Field(
+        0.2,
+        ge=0.0,
+        le=0.9,
+        description="Fraction of each class held out for validation (rounded per class; at least one image "
+        "per class always stays in training). 0 disables validation.",
+    )
+
+    def schedule_epochs(self, shots: int) -> int:  # overridden by trained methods
+        return 0
+
+
+class TrainConfig(MethodConfig):
+    """Fields of the gradient-trained methods (SGD/AdamW, warm-up then cosine)."""
+
+    epochs: int | None = Field(
+        None, ge=1, le=10_000, description="Training epochs. None: the method's default schedule (see method)."
+    )
+    batch_size: int = Field(32, ge=1, le=4096, description="Images per optimisation step.")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (with momentum, the papers' choice) or adamw.")
+    lr: float = Field(0.002, gt=0.0, le=1e4, description="Peak learning rate, reached after warm-up.")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (ignored by adamw).")
+    weight_decay: float = Field(5e-4, ge=0.0, le=1.0, description="Weight decay on the prompt parameters.")
+    warmup_epochs: int | None = Field(
+        None,
+        ge=0,
+        description="Warm-up epochs before the cosine decay. None: the method's paper value, capped at "
+        "epochs // 10 so that short runs are not all warm-up.",
+    )
+    warmup: Literal["constant", "linear"] = Field(
+        "constant", description="constant: lr = warmup_lr during warm-up (CoOp); linear: ramp 0 -> lr (VPT)."
+    )
+    warmup_lr: float = Field(1e-5, gt=0.0, description="Learning rate of a constant warm-up.")
+
+    default_warmup_epochs: ClassVar[int] = 1
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> "TrainConfig":
+        if self.epochs is not None and self.warmup_epochs is not None and self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})"
+            )
+        return self
+
+    def schedule_epochs(self, shots: int) -> int:
+        return self.epochs if self.epochs is not None else self.default_epochs(shots)
+
+    def default_epochs(self, shots: int) -> int:
+        return 50
+
+    def schedule_warmup(self, epochs: int) -> int:
+        if self.warmup_epochs is not None:
+            return min(self.warmup_epochs, epochs - 1)
+        return min(self.default_warmup_epochs, epochs // 10)
+
+
+HeadKind = Literal["linear", "clip"]
+
+
+class PromptModule(nn.Module):
+    """Learned tensors of one task; reads, never owns, the frozen backbone."""
+
+    image_path: ClassVar[str] = "features"
+    needs_text: ClassVar[bool] = False
+
+    def __init__(self, backbone: "Backbone", classes: list[str], config: MethodConfig):
+        super().__init__()
+        self.bb = backbone  # plain object, not an nn.Module: never registered as a child
+        self.classes = list(classes)
+        self.config = config
+
+    # -- compatibility with a backbone (called before building)
+
+    @classmethod
+    def check_backbone(cls, backbone: "Backbone", config: MethodConfig) -> None:
+        if cls.needs_text and not backbone.has_text:
+            raise ConfigError(
+                f"method needs a CLIP text tower, which backbone {backbone.spec} ({backbone.library}) does not "
+                "have; use an open_clip backbone, or one of the image-side methods: vpt-shallow, vpt-deep, "
+                "padding, linear-probe"
+            )
+
+    # -- image side
+
+    def pixel_frame(self) -> torch.Tensor | None:  # (1, 3, S, S) added to the image, or None
+        return None
+
+    def token_prompts(self, batch: int) -> TokenPrompts | None:
+        return None
+
+    @property
+    def n_tokens(self) -> int:
+        return 0
+
+    @property
+    def deep(self) -> bool:
+        return False
+
+    def image_features(self, images: torch.Tensor) -> ImageFeatures:
+        """images (B, 3, S, S) preprocessed -> features through this task's image path alone."""
+        x = images.to(self.bb.device, self.bb.dtype)
+        frame = self.pixel_frame()
+        if frame is not None:
+            x = x + frame.to(x.dtype)
+        return self.bb.encode_images(x, self.token_prompts(x.shape[0]))
+
+    # -- head
+
+    def head(self, feats: ImageFeatures) -> torch.Tensor:  # -> (B, C) float32
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor | None = None, feats: ImageFeatures | None = None) -> torch.Tensor:
+        """Logits (B, C) of this task alone, from images (B, 3, S, S) or from cached features."""
+        if feats is None:
+            if images is None:
+                raise ValueError("forward needs images or features")
+            feats = self.image_features(images)
+        return self.head(feats)
+
+    # -- serving
+
+    @torch.no_grad()
+    def prepare_serving(self) -> None:
+        """Precompute derived tensors (class text features) and drop what only training needs."""
+
+    def resident_tensors(self) -> list[torch.Tensor]:
+        return [*self.parameters(), *(b for b in self.buffers() if b is not None)]
+
+
+# ---------------------------------------------------------------- shared heads
+
+
+def clip_logits(scale: torch.Tensor, image_embeds: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+    """scale * normalize(img) @ normalize(txt).T.  image_embeds (B, E), text_feats (C, E) -> (B, C) float32."""
+    img = F.normalize(image_embeds.float(), dim=-1)
+    txt = F.normalize(text_feats.float(), dim=-1)
+    return scale * img @ txt.t()
+
+
+def class_text_features(backbone: "Backbone", classes: list[str], templates: list[str]) -> torch.Tensor:
+    """Zero-shot classifier: per template normalised text features, averaged over templates,
+    normalised again (CLIP's ensemble; one template gives that template's normalised features).
+    Class names get '_' replaced by spaces. Returns (C, E) float32."""
+    text = backbone.require_text("a CLIP text classifier")
+    names = [c.replace("_", " ") for c in classes]
+    feats = []
+    with torch.no_grad():
+        for name in names:
+            tokens = backbone.tokenize([t.format(name) for t in templates])  # (K, L)
+            f = F.normalize(text.encode(tokens).float(), dim=-1).mean(dim=0)  # (E,)
+            feats.append(F.normalize(f, dim=-1))
+    return torch.stack(feats)  # (C, E)
+
+
+class ClipTextHead(nn.Module):
+    """Fixed CLIP text classifier from a template (derived from the backbone, never saved)."""
+
+    def __init__(self, backbone: "Backbone", classes: list[str], templates: list[str]):
+        super().__init__()
+        self.bb = backbone
+        self.register_buffer("text_feats", class_text_features(backbone, classes, templates), persistent=False)
+
+    def forward(self, feats: ImageFeatures) -> torch.Tensor:  # -> (B, C)
+        return clip_logits(self.bb.logit_scale, feats.embeds, self.text_feats)
+
+
+class LinearHead(nn.Module):
+    """VPT's head: one Linear on the final-normed pooled ([CLS]) feature, kaiming-normal
+    (fan_out) weight, bias -log(99) (METHODS.md)."""
+
+    def __init__(self, dim: int, n_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, n_classes)
+        nn.init.kaiming_normal_(self.fc.weight, a=0, mode="fan_out")
+        nn.init.constant_(self.fc.bias, -math.log(99.0))
+
+    def forward(self, feats: ImageFeatures) -> torch.Tensor:  # -> (B, C)
+        if feats.pooled is None:
+            raise BackboneError("linear head needs the pooled image feature")
+        return self.fc(feats.pooled.float())
+
+
+def resolve_head(backbone: "Backbone", head: str | None) -> str:
+    """'auto'/None -> clip on a backbone with a text tower, linear otherwise."""
+    if head in (None, "auto"):
+        return "clip" if backbone.has_text else "linear"
+    if head == "clip" and not backbone.has_text:
+        raise ConfigError(
+            f"head 'clip' needs a CLIP text tower, which backbone {backbone.spec} does not have; use head 'linear'"
+        )
+    return head
+
+
+def build_head(backbone: "Backbone", classes: list[str], head: str, template: str) -> nn.Module:
+    if head == "clip":
+        return ClipTextHead(backbone, classes, [template])
+    return LinearHead(backbone.vision.pooled_dim, len(classes))
+
+
+def dump_config(config: MethodConfig) -> dict[str, Any]:
+    return config.model_dump(mode="json")

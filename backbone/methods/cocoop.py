@@ -1,0 +1,118 @@
+"""cocoop: CoOp context plus an image-conditioned shift from a meta-net (Zhou et al.,
+"Conditional Prompt Learning for Vision-Language Models", CVPR 2022).
+
+Meta-net: Linear(E, E // 16) - ReLU - Linear(E // 16, Dt), fed with the L2-normalised
+image feature; its output is added to every context vector, so each image has its
+own prompts and its own text features for all classes. Class token at the end.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from ..towers import ImageFeatures
+from .base import PromptModule, TrainConfig
+from .coop import CoOpModule
+from .registry import MethodSpec, register
+
+if TYPE_CHECKING:
+    from ..loading import Backbone
+
+
+class CoCoOpConfig(TrainConfig):
+    n_ctx: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Number of context vectors. None: the token count of 'init' (4 for 'a photo of a'), "
+        "or 16 with random init.",
+    )
+    init: str | None = Field(
+        "a photo of a",
+        min_length=1,
+        max_length=200,
+        description="Context initialisation phrase (the paper: 'a photo of a'); None: N(0, init_std^2).",
+    )
+    init_std: float = Field(0.02, gt=0.0, le=1.0, description="Std of the random context initialisation.")
+    batch_size: int = Field(1, ge=1, le=4096, description="Images per step (the paper: 1).")
+    epochs: int | None = Field(None, ge=1, le=10_000, description="Training epochs. None: 10 (the paper).")
+
+    def default_epochs(self, shots: int) -> int:
+        return 10
+
+
+class CoCoOpModule(PromptModule):
+    image_path = "features"
+    needs_text = True
+
+    def __init__(self, backbone: "Backbone", classes: list[str], config: CoCoOpConfig):
+        super().__init__(backbone, classes, config)
+        text = backbone.require_text("cocoop")
+        n_ctx, ctx_init = CoOpModule._init_context(backbone, config)
+        self.n_ctx = n_ctx
+        names = [c.replace("_", " ") for c in classes]
+        tokens = backbone.tokenize([" ".join(["X"] * n_ctx) + " " + name + "." for name in names])  # (C, L)
+        with torch.no_grad():
+            emb = text.embed_tokens(tokens)  # (C, L, Dt)
+        self.register_buffer("prefix", emb[:, :1].clone(), persistent=False)  # (C, 1, Dt)
+        self.register_buffer("suffix", emb[:, 1 + n_ctx:].clone(), persistent=False)  # (C, L-1-n_ctx, Dt)
+        self.register_buffer("eot", tokens.argmax(dim=-1), persistent=False)  # (C,)
+        self.ctx = nn.Parameter(ctx_init.float())  # (n_ctx, Dt)
+        vis_dim = backbone.vision.embed_dim
+        hidden = max(1, vis_dim // 16)
+        self.meta_net = nn.Sequential(
+            OrderedDict(
+                [
+                    ("linear1", nn.Linear(vis_dim, hidden)),
+                    ("relu", nn.ReLU(inplace=True)),
+                    ("linear2", nn.Linear(hidden, text.width)),
+                ]
+            )
+        ).to(backbone.device)
+
+    def text_inputs(self, image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image prompts for all classes.
+
+        image_embeds (B, E) -> (embeddings (B*C, L, Dt), eot (B*C,)), image-major.
+        """
+        imf = F.normalize(image_embeds.float(), dim=-1)  # (B, E)
+        shift = self.meta_net(imf)  # (B, Dt)
+        ctx = (self.ctx.unsqueeze(0) + shift.unsqueeze(1)).to(self.prefix.dtype)  # (B, n_ctx, Dt)
+        b, n_cls = ctx.shape[0], self.prefix.shape[0]
+        x = torch.cat(
+            [
+                self.prefix.unsqueeze(0).expand(b, -1, -1, -1),  # (B, C, 1, Dt)
+                ctx.unsqueeze(1).expand(-1, n_cls, -1, -1),  # (B, C, n_ctx, Dt)
+                self.suffix.unsqueeze(0).expand(b, -1, -1, -1),  # (B, C, L-1-n_ctx, Dt)
+            ],
+            dim=2,
+        )
+        return x.reshape(b * n_cls, x.shape[2], x.shape[3]), self.eot.repeat(b)
+
+    def logits_from_text(self, image_embeds: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+        """image_embeds (B, E), text_feats (B*C, E) image-major -> logits (B, C) float32."""
+        b = image_embeds.shape[0]
+        img = F.normalize(image_embeds.float(), dim=-1)  # (B, E)
+        txt = F.normalize(text_feats.float(), dim=-1).reshape(b, -1, img.shape[-1])  # (B, C, E)
+        return self.bb.logit_scale * torch.einsum("be,bce->bc", img, txt)
+
+    def head(self, feats: ImageFeatures) -> torch.Tensor:  # -> (B, C)
+        x, eot = self.text_inputs(feats.embeds)
+        return self.logits_from_text(feats.embeds, self.bb.text.encode_embedded(x, eot))
+
+
+register(
+    MethodSpec(
+        name="cocoop",
+        config_cls=CoCoOpConfig,
+        module_cls=CoCoOpModule,
+        trainer="sgd",
+        summary="CoOp context shifted per image by a small meta-net",
+    )
+)

@@ -1,0 +1,25 @@
+"""vpt-deep: a set of prompt tokens for every layer of the image transformer (VPT-Deep)."""
+
+from __future__ import annotations
+
+from .registry import MethodSpec, register
+from .vpt import VPTConfig, VPTModule
+
+
+class VPTDeepConfig(VPTConfig):
+    pass
+
+
+class VPTDeepModule(VPTModule):
+    is_deep = True
+
+
+register(
+    MethodSpec(
+        name="vpt-deep",
+        config_cls=VPTDeepConfig,
+        module_cls=VPTDeepModule,
+        trainer="sgd",
+        summary="prompt tokens replaced at the input of every image transformer layer",
+    )
+)

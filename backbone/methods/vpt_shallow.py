@@ -1,0 +1,25 @@
+"""vpt-shallow: one set of prompt tokens at the input of the first layer (VPT-Shallow)."""
+
+from __future__ import annotations
+
+from .registry import MethodSpec, register
+from .vpt import VPTConfig, VPTModule
+
+
+class VPTShallowConfig(VPTConfig):
+    pass
+
+
+class VPTShallowModule(VPTModule):
+    is_deep = False
+
+
+register(
+    MethodSpec(
+        name="vpt-shallow",
+        config_cls=VPTShallowConfig,
+        module_cls=VPTShallowModule,
+        trainer="sgd",
+        summary="prompt tokens after [CLS] at the input of the image transformer",
+    )
+)

@@ -1,0 +1,193 @@
+"""Serving many tenants on one backbone: resident prompts and the mixed-batch forward.
+
+``forward_mixed`` classifies a batch whose images belong to different tasks:
+  1. every image whose method leaves the tokens alone (zeroshot, coop, cocoop,
+     linear-probe, padding, VPT with 0 tokens) goes through ONE image-tower pass;
+     padding images get their own task's frame added first;
+  2. VPT images are grouped by prompt length N; each group is ONE pass with every
+     image's prompts gathered into its token sequence (shallow and deep mixed: deep
+     rows get their layer prompts written before each later block);
+  3. per-task heads run on each task's rows; CoCoOp's per-image text prompts of all
+     CoCoOp images in the batch go through the text tower in ONE call.
+Each image's logits equal a forward of its task alone (``ResidentPrompt.forward``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from .artifacts import TrainedPrompt
+from .errors import PromptFormatError, PromptMismatch
+from .methods import get_method, parse_config
+from .methods.base import PromptModule
+from .methods.cocoop import CoCoOpModule
+from .towers import ImageFeatures, TokenPrompts
+
+if TYPE_CHECKING:
+    from .loading import Backbone
+
+
+class ResidentPrompt:
+    """A TrainedPrompt prepared on the backbone's device, derived tensors included."""
+
+    def __init__(self, backbone: "Backbone", prompt: TrainedPrompt, module: PromptModule):
+        self.backbone = backbone
+        self.prompt = prompt
+        self.module = module
+        self.method = prompt.method
+        self.classes = list(prompt.classes)
+        self.image_path = module.image_path
+        self.n_tokens = module.n_tokens
+        self.deep = module.deep
+        seen: set[int] = set()
+        total = 0
+        for t in module.resident_tensors():
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        self.nbytes = total  # device bytes held by this task
+        frame = module.pixel_frame()
+        self.frame = None if frame is None else frame.detach().to(backbone.dtype)  # (1, 3, S, S)
+        if self.n_tokens:
+            p = module.layer_prompts().detach().to(backbone.dtype)  # (layers, N, D)
+            self.first = p[0]  # (N, D)
+            self.deep_prompts = p[1:] if self.deep else None  # (depth-1, N, D)
+        else:
+            self.first = self.deep_prompts = None
+
+    def __repr__(self) -> str:
+        return f"ResidentPrompt({self.method}, {len(self.classes)} classes, {self.nbytes} B)"
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """This task alone: images (B, 3, S, S) -> logits (B, C) float32 on CPU."""
+        return self.module(images=images).float().cpu()
+
+
+def prepare_resident(backbone: "Backbone", prompt: TrainedPrompt) -> ResidentPrompt:
+    """Build the method's module from the prompt's config and tensors on ``backbone``."""
+    from .tuning import build_module
+
+    if prompt.fingerprint != backbone.fingerprint:
+        raise PromptMismatch(
+            f"prompt was trained on backbone {prompt.fingerprint} but this backbone is {backbone.fingerprint}; "
+            "retrain the task on this backbone"
+        )
+    spec = get_method(prompt.method)
+    cfg = parse_config(prompt.method, prompt.config)
+    with torch.random.fork_rng(devices=[backbone.device] if backbone.device.type == "cuda" else []):
+        module = build_module(backbone, spec, prompt.classes, cfg)
+    try:
+        module.load_state_dict({k: v.to(backbone.device) for k, v in prompt.tensors.items()}, strict=True)
+    except RuntimeError as exc:
+        raise PromptFormatError(f"prompt tensors do not fit method {prompt.method}: {exc}") from None
+    module.eval()
+    module.requires_grad_(False)
+    module.prepare_serving()
+    return ResidentPrompt(backbone, prompt, module)
+
+
+@torch.no_grad()
+def forward_mixed(
+    backbone: "Backbone",
+    residents: Sequence[ResidentPrompt],
+    images: torch.Tensor,
+    owner: torch.Tensor,
+) -> list[torch.Tensor]:
+    """Classify a mixed batch.
+
+    images (B, 3, S, S) preprocessed; owner (B,) long, image i belongs to residents[owner[i]].
+    Returns B tensors, logits (n_classes of its task,) float32 on CPU.
+    """
+    b = images.shape[0]
+    if owner.shape != (b,):
+        raise ValueError(f"owner must be ({b},), got {tuple(owner.shape)}")
+    if b == 0:
+        return []
+    owners = owner.tolist()
+    if min(owners) < 0 or max(owners) >= len(residents):
+        raise ValueError(f"owner indices must lie in [0, {len(residents)})")
+    for r in set(owners):
+        if residents[r].backbone is not backbone:
+            raise PromptMismatch(f"resident {r} ({residents[r].method}) was prepared on another backbone")
+    dev, dtype = backbone.device, backbone.dtype
+    images = images.to(dev, dtype)
+
+    # ---- 1/2: route rows to image-tower passes
+    plain: list[int] = []
+    by_len: dict[int, list[int]] = defaultdict(list)
+    for i, r in enumerate(owners):
+        n = residents[r].n_tokens
+        (by_len[n] if n else plain).append(i)
+
+    pooled = embeds = None
+    def _store(rows: list[int], f: ImageFeatures) -> None:
+        nonlocal pooled, embeds
+        if embeds is None:
+            embeds = f.embeds.new_empty(b, f.embeds.shape[1])  # (B, E)
+            pooled = f.pooled.new_empty(b, f.pooled.shape[1])  # (B, W)
+        idx = torch.tensor(rows, device=dev)
+        embeds[idx] = f.embeds
+        pooled[idx] = f.pooled
+
+    if plain:
+        x = images[torch.tensor(plain, device=dev)]  # (Bp, 3, S, S)
+        framed = [(j, owners[i]) for j, i in enumerate(plain) if residents[owners[i]].frame is not None]
+        if framed:
+            slots, frames = _gather([r for _, r in framed], lambda r: residents[r].frame[0])  # (F, 3, S, S)
+            rows = torch.tensor([j for j, _ in framed], device=dev)
+            x = x.index_add(0, rows, frames[slots])
+        _store(plain, backbone.vision.forward(x))
+
+    for n, rows in sorted(by_len.items()):
+        rs = [owners[i] for i in rows]
+        slots, firsts = _gather(rs, lambda r: residents[r].first)  # firsts (R, N, D)
+        first = firsts[slots]  # (Bn, N, D)
+        deep_rows = [j for j, r in enumerate(rs) if residents[r].deep]
+        deep = deep_index = None
+        if deep_rows:
+            dslots, deeps = _gather([rs[j] for j in deep_rows], lambda r: residents[r].deep_prompts)
+            deep = deeps[dslots]  # (Bd, depth-1, N, D)
+            deep_index = None if len(deep_rows) == len(rows) else torch.tensor(deep_rows, device=dev)
+        x = images[torch.tensor(rows, device=dev)]
+        _store(rows, backbone.vision.forward(x, TokenPrompts(first=first, deep=deep, deep_index=deep_index)))
+
+    # ---- 3: heads per task
+    out: list[torch.Tensor | None] = [None] * b
+    rows_of: dict[int, list[int]] = defaultdict(list)
+    for i, r in enumerate(owners):
+        rows_of[r].append(i)
+    cocoop: list[tuple[CoCoOpModule, list[int], torch.Tensor]] = []
+    for r, rows in rows_of.items():
+        idx = torch.tensor(rows, device=dev)
+        module = residents[r].module
+        if isinstance(module, CoCoOpModule):
+            cocoop.append((module, rows, embeds[idx]))
+            continue
+        logits = module.head(ImageFeatures(pooled=pooled[idx], embeds=embeds[idx])).float().cpu()  # (b_r, C)
+        for j, i in enumerate(rows):
+            out[i] = logits[j]
+    if cocoop:
+        inputs = [m.text_inputs(e) for m, _, e in cocoop]  # [(b_r*C_r, L, Dt), (b_r*C_r,)]
+        text = backbone.text.encode_embedded(torch.cat([x for x, _ in inputs]), torch.cat([e for _, e in inputs]))
+        start = 0
+        for (m, rows, e), (x, _) in zip(cocoop, inputs):
+            feats = text[start:start + x.shape[0]]  # (b_r*C_r, E)
+            start += x.shape[0]
+            logits = m.logits_from_text(e, feats).float().cpu()
+            for j, i in enumerate(rows):
+                out[i] = logits[j]
+    return out  # type: ignore[return-value]
+
+
+def _gather(keys: list[int], get) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack one tensor per distinct key; return (slot of each key (K,), stack (R, ...))."""
+    order: dict[int, int] = {}
+    for k in keys:
+        order.setdefault(k, len(order))
+    stack = torch.stack([get(k) for k in order])
+    slots = torch.tensor([order[k] for k in keys], device=stack.device)
+    return slots, stack

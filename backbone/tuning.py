@@ -1,0 +1,323 @@
+"""Tuning: a few-shot dataset in memory -> a trained prompt.
+
+Seeded and reproducible (split, init, batch order and dropout all come from
+``config.seed``; the caller's global RNG state is restored afterwards). Image
+features are computed once for methods whose image path is untouched. SGD/AdamW
+with a constant or linear warm-up then a per-step cosine decay. On GPU the forward
+runs under float16 autocast with a gradient scaler; on CPU everything is float32.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .artifacts import TrainedPrompt
+from .errors import Cancelled, ConfigError
+from .methods import MethodSpec, get_method, parse_config
+from .methods.base import MethodConfig, PromptModule, TrainConfig
+from .towers import ImageFeatures
+
+if TYPE_CHECKING:
+    from .loading import Backbone
+
+EVAL_BATCH = 64
+
+
+@dataclass
+class Progress:
+    fraction: float  # in [0, 1]
+    epoch: int
+    epochs: int
+    loss: float | None = None
+    val_accuracy: float | None = None
+
+
+@dataclass
+class TuneResult:
+    prompt: TrainedPrompt
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    confusion: list[list[int]] = field(default_factory=list)
+
+
+def build_module(backbone: "Backbone", spec: MethodSpec, classes: list[str], config: MethodConfig) -> PromptModule:
+    """Check the method fits the backbone, then build its module on the backbone's device."""
+    spec.module_cls.check_backbone(backbone, config)
+    module = spec.module_cls(backbone, list(classes), config)
+    return module.to(backbone.device)
+
+
+def split_indices(labels: torch.Tensor, n_classes: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stratified split: round(n_c * val_fraction) images of each class go to validation,
+    but every class keeps at least one training image. Returns (train_idx, val_idx), sorted."""
+    gen = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for c in range(n_classes):
+        idx = (labels == c).nonzero(as_tuple=True)[0]
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        n_val = min(int(round(len(idx) * val_fraction)), max(len(idx) - 1, 0))
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return torch.cat(train).sort().values, torch.cat(val).sort().values
+
+
+def _check_data(backbone: "Backbone", spec: MethodSpec, classes: list[str], images, labels) -> None:
+    if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) and c for c in classes):
+        raise ConfigError("classes must be a list of non-empty strings")
+    if len(set(classes)) != len(classes):
+        raise ConfigError("class names must be unique")
+    min_classes = 1 if spec.trainer == "none" else 2
+    if len(classes) < min_classes:
+        raise ConfigError(f"method {spec.name} needs at least {min_classes} classes, got {len(classes)}")
+    if spec.trainer == "none" and images is None:
+        return
+    if images is None or labels is None:
+        raise ConfigError(f"method {spec.name} needs images and labels")
+    s = backbone.image_size
+    if images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s):
+        raise ConfigError(f"images must be (N, 3, {s}, {s}) preprocessed for this backbone, got {tuple(images.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+        raise ConfigError(f"labels must be (N,) matching images, got {tuple(labels.shape)}")
+    if images.shape[0] == 0:
+        raise ConfigError("no images")
+    if labels.min() < 0 or labels.max() >= len(classes):
+        raise ConfigError(f"labels must lie in [0, {len(classes)})")
+    counts = torch.bincount(labels, minlength=len(classes))
+    if spec.trainer != "none" and (counts == 0).any():
+        empty = [classes[i] for i in (counts == 0).nonzero(as_tuple=True)[0].tolist()]
+        raise ConfigError(f"classes without images: {empty}; each class needs at least 1")
+
+
+@torch.no_grad()
+def encode_cached(backbone: "Backbone", images: torch.Tensor) -> torch.Tensor:
+    """Image embeddings (N, E) of the untouched tower, float32 on the backbone's device."""
+    out = []
+    for i in range(0, images.shape[0], EVAL_BATCH):
+        out.append(backbone.encode_images(images[i:i + EVAL_BATCH]).embeds.float())
+    return torch.cat(out)
+
+
+def _logits(module: PromptModule, images: torch.Tensor | None, cache: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
+    """Logits (len(idx), C) of a batch, from cached embeddings or from images."""
+    if cache is not None:
+        return module(feats=ImageFeatures(pooled=None, embeds=cache[idx.to(cache.device)]))
+    assert images is not None
+    return module(images=images[idx])
+
+
+@torch.no_grad()
+def _predict(module: PromptModule, images, cache, idx: torch.Tensor, amp: bool) -> torch.Tensor:
+    was_training = module.training
+    module.eval()
+    preds = []
+    for i in range(0, len(idx), EVAL_BATCH):
+        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+            preds.append(_logits(module, images, cache, idx[i:i + EVAL_BATCH]).float().argmax(dim=-1).cpu())
+    module.train(was_training)
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+
+
+def _accuracy(pred: torch.Tensor, y: torch.Tensor) -> float | None:
+    return float((pred == y).float().mean()) if len(y) else None
+
+
+def _confusion(pred: torch.Tensor, y: torch.Tensor, n: int) -> list[list[int]]:
+    m = torch.zeros(n, n, dtype=torch.long)
+    if len(y):
+        m.index_put_((y, pred), torch.ones_like(y), accumulate=True)
+    return m.tolist()
+
+
+def _lr_at(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
+    if step < warmup:
+        return cfg.warmup_lr if cfg.warmup == "constant" else cfg.lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * t))
+
+
+def tune(
+    backbone: "Backbone",
+    method: str,
+    classes: list[str],
+    images: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    config: dict | None = None,
+    *,
+    on_progress: Callable[[Progress], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> TuneResult:
+    """Tune ``method`` on images (N, 3, S, S) preprocessed float32 and labels (N,) int64.
+
+    Raises ConfigError (bad config, data, or method/backbone mismatch) or Cancelled.
+    """
+    spec = get_method(method)
+    cfg = parse_config(method, config)
+    _check_data(backbone, spec, classes, images, labels)
+    if labels is not None:
+        labels = labels.to(torch.long).cpu()
+    amp = backbone.device.type == "cuda"
+    devices = [backbone.device] if amp else []
+    started = time.perf_counter()
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(cfg.seed)
+        module = build_module(backbone, spec, classes, cfg)
+        run = _Run(backbone, spec, cfg, module, list(classes), images, labels, amp, on_progress, should_cancel)
+        run.execute()
+    module.eval()
+    metrics = {
+        "val_accuracy": run.val_accuracy,
+        "train_accuracy": run.train_accuracy,
+        "train_seconds": round(time.perf_counter() - started, 3),
+        "n_train": int(len(run.train_idx)),
+        "n_val": int(len(run.val_idx)),
+        "epochs": run.epochs,
+        **run.extra_metrics,
+    }
+    prompt = TrainedPrompt(
+        method=spec.name,
+        config=cfg.model_dump(mode="json"),
+        classes=list(classes),
+        fingerprint=backbone.fingerprint,
+        tensors={k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()},
+        metrics=metrics,
+    )
+    return TuneResult(prompt=prompt, metrics=metrics, history=run.history, confusion=run.confusion)
+
+
+class _Run:
+    """One tuning run; split from ``tune`` so each trainer reads as one method."""
+
+    def __init__(self, bb, spec, cfg, module, classes, images, labels, amp, on_progress, should_cancel):
+        self.bb, self.spec, self.cfg, self.module, self.classes = bb, spec, cfg, module, classes
+        self.images, self.labels, self.amp = images, labels, amp
+        self.on_progress, self.should_cancel = on_progress, should_cancel
+        self.history: list[dict[str, Any]] = []
+        self.extra_metrics: dict[str, Any] = {}
+        self.val_accuracy: float | None = None
+        self.train_accuracy: float | None = None
+        n_cls = len(classes)
+        self.confusion = _confusion(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), n_cls)
+        if labels is None:
+            self.train_idx = self.val_idx = torch.empty(0, dtype=torch.long)
+        elif spec.trainer == "none":  # nothing to train: every image evaluates
+            self.train_idx, self.val_idx = torch.empty(0, dtype=torch.long), torch.arange(len(labels))
+        else:
+            self.train_idx, self.val_idx = split_indices(labels, n_cls, cfg.val_fraction, cfg.seed)
+        shots = 0
+        if labels is not None and len(self.train_idx):
+            shots = int(torch.bincount(labels[self.train_idx], minlength=n_cls).median())
+        self.epochs = cfg.schedule_epochs(shots)
+        self.cache = None
+        if images is not None and module.image_path == "features":
+            self.cache = encode_cached(bb, images)  # (N, E) computed once
+
+    def _cancel_check(self) -> None:
+        if self.should_cancel is not None and self.should_cancel():
+            raise Cancelled("tuning cancelled")
+
+    def _report(self, epoch: int, loss: float | None, val_acc: float | None) -> None:
+        if self.on_progress is not None:
+            frac = 1.0 if self.epochs == 0 else min(1.0, epoch / self.epochs)
+            self.on_progress(Progress(fraction=frac, epoch=epoch, epochs=self.epochs, loss=loss, val_accuracy=val_acc))
+
+    def _evaluate(self, idx: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+        if self.labels is None or len(idx) == 0:
+            return torch.empty(0, dtype=torch.long), None
+        pred = _predict(self.module, self.images, self.cache, idx, self.amp)
+        return pred, _accuracy(pred, self.labels[idx])
+
+    def _finish(self) -> None:
+        pred, self.val_accuracy = self._evaluate(self.val_idx)
+        _, self.train_accuracy = self._evaluate(self.train_idx)
+        if len(self.val_idx):
+            self.confusion = _confusion(pred, self.labels[self.val_idx], len(self.classes))
+        self._report(self.epochs, self.history[-1]["loss"] if self.history else None, self.val_accuracy)
+
+    def execute(self) -> None:
+        self._cancel_check()
+        getattr(self, f"_train_{self.spec.trainer}")()
+        self._finish()
+
+    # ---- trainers
+
+    def _train_none(self) -> None:
+        pass
+
+    def _train_sgd(self) -> None:
+        cfg: TrainConfig = self.cfg  # type: ignore[assignment]
+        module, y_all = self.module, self.labels
+        params = [p for p in module.parameters() if p.requires_grad]
+        if cfg.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        n_train = len(self.train_idx)
+        bs = min(cfg.batch_size, n_train)
+        steps_per_epoch = math.ceil(n_train / bs)
+        total = self.epochs * steps_per_epoch
+        warmup = cfg.schedule_warmup(self.epochs) * steps_per_epoch
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        step = 0
+        self.extra_metrics["schedule"] = {
+            "optimizer": cfg.optimizer, "lr": cfg.lr, "batch_size": bs, "steps": total, "warmup_steps": warmup,
+        }
+        for epoch in range(1, self.epochs + 1):
+            module.train()
+            order = self.train_idx[torch.randperm(n_train, generator=gen)]
+            loss_sum, seen = 0.0, 0
+            for i in range(0, n_train, bs):
+                self._cancel_check()
+                idx = order[i:i + bs]
+                lr = _lr_at(step, total, warmup, cfg)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                y = y_all[idx].to(self.bb.device)
+                with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+                    logits = _logits(module, self.images, self.cache, idx)
+                loss = F.cross_entropy(logits.float(), y)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                loss_sum += float(loss.detach()) * len(idx)
+                seen += len(idx)
+                step += 1
+            _, val_acc = self._evaluate(self.val_idx)
+            entry = {"epoch": epoch, "loss": loss_sum / max(seen, 1), "val_accuracy": val_acc}
+            self.history.append(entry)
+            if epoch < self.epochs:
+                self._report(epoch, entry["loss"], val_acc)
+
+    def _train_lbfgs(self) -> None:
+        from .methods.linear_probe import LinearProbeConfig, LinearProbeModule
+
+        cfg: LinearProbeConfig = self.cfg  # type: ignore[assignment]
+        module: LinearProbeModule = self.module  # type: ignore[assignment]
+        assert self.cache is not None and self.labels is not None
+        x_all = F.normalize(self.cache, dim=-1)
+        y_all = self.labels.to(x_all.device)
+        x_tr, y_tr = x_all[self.train_idx.to(x_all.device)], y_all[self.train_idx.to(x_all.device)]
+        has_val = len(self.val_idx) > 0
+        grid = cfg.l2_grid if has_val else [cfg.l2_without_val]
+        self.epochs = len(grid)
+        best: tuple[float, float, dict[str, torch.Tensor]] | None = None
+        for i, l2 in enumerate(grid, start=1):
+            self._cancel_check()
+            loss = module.fit(x_tr, y_tr, l2, cfg.max_iter)
+            _, val_acc = self._evaluate(self.val_idx)
+            self.history.append({"epoch": i, "loss": loss, "val_accuracy": val_acc, "l2": l2})
+            score = val_acc if val_acc is not None else 0.0
+            if best is None or score > best[0]:
+                best = (score, l2, {k: v.clone() for k, v in module.state_dict().items()})
+            if i < len(grid):
+                self._report(i, loss, val_acc)
+        assert best is not None
+        module.load_state_dict(best[2])
+        self.extra_metrics["l2"] = best[1]
