@@ -1,0 +1,140 @@
+"""SQLAlchemy 2 models: tenants, API keys, datasets, tasks, prompt versions.
+
+Ids are uuid4 hex strings; timestamps are timezone-aware UTC.
+
+Task status machine (API.md): queued -> running -> ready | failed | cancelled.
+A retrain of a task that already serves a version keeps ``status == "ready"`` and
+tracks the new run in ``training`` = {"status", "progress", "error"}; on success
+``version`` += 1 and the served version switches in the same transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from store.db import Base, utcnow
+
+QUEUED = "queued"
+RUNNING = "running"
+READY = "ready"
+FAILED = "failed"
+CANCELLED = "cancelled"
+TASK_STATUSES = (QUEUED, RUNNING, READY, FAILED, CANCELLED)
+ACTIVE_STATUSES = (QUEUED, RUNNING)
+FINISHED_STATUSES = (READY, FAILED, CANCELLED)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    #: Requests served for this tenant (dashboard counter; bumped by ``repo.count_request``).
+    request_count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    last_request_at: Mapped[dt.datetime | None]
+
+    api_keys: Mapped[list[ApiKey]] = relationship(back_populates="tenant", cascade="all, delete-orphan")
+
+
+class ApiKey(Base):
+    """A tenant API key ``ps_<prefix>_<secret>``; only the sha256 hex of the full key is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    prefix: Mapped[str] = mapped_column(String(32), unique=True, index=True)
+    hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[dt.datetime | None]
+
+    tenant: Mapped[Tenant] = relationship(back_populates="api_keys")
+
+
+class Dataset(Base):
+    """An uploaded dataset zip (content-addressed object ``datasets/{tenant_id}/{sha256}.zip``)."""
+
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    object_key: Mapped[str] = mapped_column(String(512))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    #: Class names in label order.
+    classes: Mapped[list[Any]]
+    #: Images per class name.
+    counts: Mapped[dict[str, Any]]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Task(Base):
+    """A tuning task; ``dataset_id``/``config`` are the inputs of the latest requested run."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('queued', 'running', 'ready', 'failed', 'cancelled')", name="status_valid"
+        ),
+        CheckConstraint("progress >= 0 AND progress <= 1", name="progress_range"),
+        Index("ix_tasks_tenant_id_created_at", "tenant_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    method: Mapped[str] = mapped_column(String(32))
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    #: Classes of the served version (or of the pending run before the first version).
+    classes: Mapped[list[Any]] = mapped_column(default=list)
+    dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default=QUEUED, index=True)
+    progress: Mapped[float] = mapped_column(default=0.0)
+    metrics: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    history: Mapped[list[Any] | None]
+    confusion: Mapped[list[Any] | None]
+    #: Prompt version being served; None before the first publish.
+    version: Mapped[int | None]
+    #: State of a retrain run while a version is served: {"status", "progress", "error"}.
+    training: Mapped[dict[str, Any] | None]
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    #: Run counter; a job carries the attempt it was queued for and is a no-op when stale.
+    attempt: Mapped[int] = mapped_column(default=1)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    @property
+    def run_status(self) -> str | None:
+        """State of the latest run: ``training["status"]`` while a version is served, else ``status``.
+        None when a served task has no retrain run."""
+        if self.version is not None:
+            return None if self.training is None else self.training.get("status")
+        return self.status
+
+
+class PromptVersion(Base):
+    """A published prompt (object ``prompts/{tenant_id}/{task_id}/{sha256}.safetensors``)."""
+
+    __tablename__ = "prompt_versions"
+    __table_args__ = (UniqueConstraint("task_id", "version"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int]
+    object_key: Mapped[str] = mapped_column(String(512))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    fingerprint: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

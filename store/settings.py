@@ -1,0 +1,89 @@
+"""Service settings: one pydantic-settings class read from ``PROMPTSTORE_*`` variables.
+
+The table in API.md is the contract; every field here is documented next to its default.
+Inject through ``Depends(get_settings)`` so tests can override it.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, computed_field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+#: Admin tokens that are obviously placeholders; refused outside embedded/local runs.
+PLACEHOLDER_SECRETS = frozenset(
+    {"", "changeme", "change-me", "change_me", "changethis", "admin", "secret", "password", "token", "test"}
+)
+
+
+class Settings(BaseSettings):
+    """Everything the service reads from the environment (prefix ``PROMPTSTORE_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="PROMPTSTORE_", extra="ignore", frozen=True)
+
+    database_url: str = Field(
+        "sqlite:///./var/promptstore.db",
+        description="SQLAlchemy URL; e.g. postgresql+psycopg://user:pw@db/promptstore.",
+    )
+    object_store_url: str = Field(
+        "file://./var/objects",
+        description="file://PATH (relative to cwd) or s3://bucket?endpoint=http://host:port[&region=R].",
+    )
+    broker_url: str | None = Field(None, description="Celery broker (redis://...); unset: jobs run in-process.")
+    redis_url: str | None = Field(None, description="Redis for rate limits / cache invalidation; optional.")
+    backbone: str = Field("auto", description="Backbone spec LIBRARY:ARCH:WEIGHTS or 'auto'.")
+    device: str | None = Field(None, description="torch device; unset: cuda if available else cpu.")
+    admin_token: str | None = Field(None, description="Admin bearer token; unset: generated at first start.")
+    max_upload_bytes: int = Field(200 * MiB, gt=0, description="Largest accepted request body / dataset zip.")
+    s3_access_key: str | None = Field(None, description="S3 access key for s3:// object stores.")
+    s3_secret_key: str | None = Field(None, description="S3 secret key for s3:// object stores.")
+    max_archive_entries: int = Field(10_000, gt=0, description="Most entries a dataset zip may hold.")
+    max_expansion_ratio: float = Field(100.0, gt=0, description="Largest uncompressed/compressed ratio.")
+    max_image_pixels: int = Field(4096 * 4096, gt=0, description="Largest width*height of one image.")
+    max_uncompressed_bytes: int = Field(1 * GiB, gt=0, description="Largest total uncompressed dataset size.")
+    max_classify_images: int = Field(64, gt=0, description="Most images in one classify request.")
+    prompt_cache_bytes: int = Field(1 * GiB, ge=0, description="Device bytes of resident prompts kept cached.")
+    max_batch: int = Field(32, gt=0, description="Largest batch the inference engine forms.")
+    max_wait_ms: float = Field(5, ge=0, description="How long the engine waits to fill a batch.")
+    queue_size: int = Field(1024, gt=0, description="Inference queue length before 429.")
+    log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+    job_threads: int = Field(1, gt=0, description="In-process tuning threads when no broker is configured.")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def is_embedded_db(self) -> bool:
+        """True when the database is the embedded SQLite file (local runs)."""
+        return self.database_url.startswith("sqlite")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def is_local_objects(self) -> bool:
+        """True when objects live in local files (file://)."""
+        return self.object_store_url.startswith("file://")
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secrets(self) -> "Settings":
+        if self.admin_token is not None and not self.is_embedded_db:
+            if self.admin_token.strip().lower() in PLACEHOLDER_SECRETS:
+                raise ValueError(
+                    f"PROMPTSTORE_ADMIN_TOKEN is the placeholder {self.admin_token!r}; set a real secret "
+                    "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`) or leave it unset "
+                    "to have one generated. Placeholders are only accepted with the embedded SQLite database."
+                )
+        if not self.object_store_url.startswith(("file://", "s3://")):
+            raise ValueError(
+                f"PROMPTSTORE_OBJECT_STORE_URL {self.object_store_url!r} is not supported; "
+                "use file://PATH or s3://BUCKET?endpoint=http://HOST:PORT"
+            )
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (cached); use as a FastAPI dependency and override in tests."""
+    return Settings()
