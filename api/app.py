@@ -1,0 +1,87 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from api.errors import install_error_handlers
+from api.inference import Inference
+from api.middleware import FORM_OVERHEAD_BYTES, BodyLimitMiddleware, HttpMetrics, MetricsMiddleware
+from api.state import BackboneHolder, ServiceState
+from store.settings import Settings, get_settings
+from worker import runtime
+from worker.dispatch import CeleryDispatcher, ThreadDispatcher, make_dispatcher
+
+log = logging.getLogger("promptstore.api")
+
+DESCRIPTION = """A multi-tenant store of learned visual prompts served on one frozen CLIP/ViT backbone.
+
+Tenants upload a labelled few-shot dataset (a zip of class folders), a job tunes a small
+prompt for it, and classify serves it. Tenant calls carry `Authorization: Bearer <api_key>`,
+admin calls `Authorization: Bearer <admin_token>`. Every error is `{"detail": str}`."""
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    dispatcher: CeleryDispatcher | ThreadDispatcher | None = None,
+) -> FastAPI:
+    """Build the app for ``settings`` (default: from the environment).
+
+    With no broker configured, tuning jobs run in a thread pool of this process. The
+    backbone starts loading in the background when the app starts; ``/readyz`` says when
+    it is usable. Migrations are not applied here (``promptstore migrate``, or ``serve``
+    on the embedded database).
+    """
+    settings = settings or get_settings()
+    registry = CollectorRegistry()
+    http_metrics = HttpMetrics(registry)
+    backbone = BackboneHolder(settings.backbone, settings.device)
+    objects = runtime.get_object_store(settings)
+    state = ServiceState(
+        settings=settings,
+        sessionmaker=runtime.get_sessionmaker(settings.database_url),
+        objects=objects,
+        backbone=backbone,
+        inference=Inference(backbone, objects, settings.prompt_cache_bytes),
+        dispatcher=dispatcher or make_dispatcher(settings),
+        registry=registry,
+        http_metrics=http_metrics,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.backbone.start()
+        state.dispatcher.start()
+        log.info("promptstore ready to serve (jobs: %s)", getattr(state.dispatcher, "kind", "?"))
+        try:
+            yield
+        finally:
+            state.dispatcher.shutdown()
+            state.inference.close()
+
+    app = FastAPI(
+        title="Promptstore",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.ps = state
+    app.dependency_overrides[get_settings] = lambda: settings
+    install_error_handlers(app)
+
+    from api.routes import classify, ops, tasks, tenants
+
+    app.include_router(ops.router)
+    app.include_router(tenants.router)
+    app.include_router(tasks.router)
+    app.include_router(classify.router)
+
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES)
+    app.add_middleware(MetricsMiddleware, metrics=http_metrics)
+    return app

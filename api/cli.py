@@ -1,0 +1,199 @@
+"""The ``promptstore`` command line: serve, worker, migrate, tenant create, bench.
+
+Logs go to stderr; only a command's result (the tenant JSON, a generated admin token)
+goes to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import sys
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(
+    name="promptstore",
+    help="Promptstore: a multi-tenant store of visual prompts on one frozen CLIP/ViT backbone.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+tenant_app = typer.Typer(help="Manage tenants.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (print a table and write JSON).", no_args_is_help=True)
+app.add_typer(tenant_app, name="tenant")
+app.add_typer(bench_app, name="bench")
+
+log = logging.getLogger("promptstore")
+
+#: Where a generated admin token is kept so that restarts reuse it.
+ADMIN_TOKEN_FILE = Path("var") / "admin_token"
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _settings():  # noqa: ANN202 - Settings, imported lazily so --help stays fast
+    from pydantic import ValidationError
+
+    from store.settings import Settings
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        msgs = "; ".join(str(e.get("msg", "")) for e in exc.errors())
+        _fail(f"invalid settings: {msgs}")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _migrate(database_url: str) -> None:
+    from store.migrate import upgrade
+
+    upgrade(database_url)
+
+
+def ensure_admin_token(token: str | None, path: Path = ADMIN_TOKEN_FILE) -> tuple[str, bool]:
+    """``(token, generated)``: the configured token, else the one kept in ``path``, else a
+    new one written there (mode 0600)."""
+    if token:
+        return token, False
+    if path.is_file():
+        saved = path.read_text().strip()
+        if saved:
+            return saved, False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(new + "\n")
+    return new, True
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+) -> None:
+    """Run the HTTP API and the inference engine. With no broker configured, tuning jobs
+    run in this process too. Applies migrations first on the embedded SQLite database."""
+    settings = _settings()
+    setup_logging(settings.log_format)
+    if settings.is_embedded_db:
+        log.info("applying migrations to the embedded database")
+        _migrate(settings.database_url)
+    token, generated = ensure_admin_token(settings.admin_token)
+    if generated:
+        typer.echo(f"Generated admin token (kept in {ADMIN_TOKEN_FILE}; set PROMPTSTORE_ADMIN_TOKEN to choose one):")
+        typer.echo(token)
+    settings = settings.model_copy(update={"admin_token": token})
+    if not settings.broker_url:
+        log.info("no PROMPTSTORE_BROKER_URL: tuning jobs run in this process (%d thread(s))", settings.job_threads)
+
+    import uvicorn
+
+    from api.app import create_app
+
+    uvicorn.run(create_app(settings), host=host, port=port, log_config=None, proxy_headers=True)
+
+
+@app.command()
+def worker(
+    concurrency: int = typer.Option(1, help="Jobs run at once (each process loads the backbone once)."),
+    loglevel: str = typer.Option("INFO", help="Celery log level."),
+) -> None:
+    """Run a Celery worker that tunes prompts (needs PROMPTSTORE_BROKER_URL)."""
+    settings = _settings()
+    if not settings.broker_url:
+        _fail(
+            "PROMPTSTORE_BROKER_URL is not set; a worker needs a broker, e.g. "
+            "PROMPTSTORE_BROKER_URL=redis://localhost:6379/0 (without one, `promptstore serve` runs jobs itself)"
+        )
+    setup_logging(settings.log_format)
+    from worker.celery_app import celery_app
+
+    celery_app.conf.broker_url = settings.broker_url
+    pool = "solo" if concurrency == 1 else "prefork"
+    celery_app.worker_main(
+        ["worker", f"--loglevel={loglevel}", f"--concurrency={concurrency}", f"--pool={pool}", "--without-gossip",
+         "--without-mingle", "-Q", "promptstore"]
+    )
+
+
+@app.command()
+def migrate() -> None:
+    """Apply the database migrations (alembic upgrade head) to PROMPTSTORE_DATABASE_URL."""
+    settings = _settings()
+    setup_logging(settings.log_format)
+    _migrate(settings.database_url)
+    log.info("database is at the latest revision")
+
+
+@tenant_app.command("create")
+def tenant_create(name: str = typer.Argument(..., help="Unique tenant name.")) -> None:
+    """Create a tenant; prints {"id", "name", "api_key"} as one JSON object. The key is shown
+    only here and stored only as a hash."""
+    settings = _settings()
+    setup_logging(settings.log_format, logging.WARNING)
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    from store import repo
+    from store.db import make_engine, make_sessionmaker, session_scope
+
+    if settings.is_embedded_db:
+        _migrate(settings.database_url)
+    engine = make_engine(settings.database_url)
+    try:
+        with session_scope(make_sessionmaker(engine)) as s:
+            tenant, key = repo.create_tenant(s, name)
+            out = {"id": tenant.id, "name": tenant.name, "api_key": key}
+    except repo.StoreError as exc:
+        _fail(str(exc), 1)
+    except (OperationalError, ProgrammingError) as exc:
+        _fail(f"database error ({type(exc).__name__}); is it reachable and migrated (`promptstore migrate`)?", 1)
+    finally:
+        engine.dispose()
+    typer.echo(json.dumps(out))
+
+
+@bench_app.command(
+    "engine",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+)
+def bench_engine(ctx: typer.Context) -> None:
+    """The mixed-tenant forward benchmark (backbone.bench); options are passed through,
+    see `promptstore bench engine --help`."""
+    from backbone.bench import run_engine_bench
+
+    run_engine_bench(list(ctx.args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

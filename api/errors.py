@@ -1,0 +1,119 @@
+"""Error handling: every error leaves the service as JSON ``{"detail": str}``.
+
+Client mistakes get a 4xx whose detail says what was wrong and what is
+accepted; anything unexpected is logged with its traceback and answered with a
+bare 500 that carries no stack trace, server path or other tenant's data.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sqlalchemy.exc import OperationalError
+
+from store.archive import DatasetError, ImageError
+from store.objects import ObjectNotFound, ObjectStoreError
+
+log = logging.getLogger("promptstore.api")
+
+
+class ApiError(Exception):
+    """An error with an HTTP status and a client-facing message."""
+
+    def __init__(self, status_code: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+        self.headers = headers
+
+
+class BodyTooLarge(Exception):
+    """Raised by the body-size guard while a request body is streamed in."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
+def error_response(status_code: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status_code, headers=headers)
+
+
+def _loc(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header", "cookie", "form"):
+        where, rest = parts[0], parts[1:]
+        return ".".join(rest) if rest else where
+    return ".".join(parts)
+
+
+def flatten_validation_errors(errors: list[dict[str, Any]]) -> str:
+    """``[{"loc": ("query", "top_k"), "msg": "..."}]`` -> ``"top_k: ..."``, joined by "; "."""
+    out = []
+    for err in errors:
+        msg = str(err.get("msg", "invalid value"))
+        where = _loc(err.get("loc", ()))
+        out.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(out) or "invalid request"
+
+
+def _status_text(code: int) -> str:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(code).phrase
+    except ValueError:
+        return "error"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status_code, exc.detail, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) and exc.detail else _status_text(exc.status_code)
+        return error_response(exc.status_code, detail, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(422, flatten_validation_errors(list(exc.errors())))
+
+    @app.exception_handler(DatasetError)
+    async def _dataset_error(_: Request, exc: DatasetError) -> JSONResponse:
+        return error_response(exc.status_code, f"invalid dataset: {exc}")
+
+    @app.exception_handler(ImageError)
+    async def _image_error(_: Request, exc: ImageError) -> JSONResponse:
+        return error_response(exc.status_code, str(exc))
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
+        return error_response(413, f"request body is over the limit of {exc.limit} bytes")
+
+    @app.exception_handler(ObjectNotFound)
+    async def _object_missing(request: Request, exc: ObjectNotFound) -> JSONResponse:
+        log.error("object missing on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(500, "a stored object the request needs is missing; the operator has been told")
+
+    @app.exception_handler(ObjectStoreError)
+    async def _object_store_down(request: Request, exc: ObjectStoreError) -> JSONResponse:
+        log.error("object store error on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(503, "the object store is unavailable; try again shortly", {"Retry-After": "5"})
+
+    @app.exception_handler(OperationalError)
+    async def _database_down(request: Request, exc: OperationalError) -> JSONResponse:
+        log.error("database error on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(503, "the database is unavailable; try again shortly", {"Retry-After": "5"})
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal server error")

@@ -1,0 +1,95 @@
+"""Reading the images of a classify request: multipart ``images`` parts or JSON base64.
+
+Each bad image is a 4xx naming its index (``images[2] ...``), so a client can
+tell which of its images was refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from typing import Any
+
+from PIL import Image
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from api.errors import ApiError
+from store.archive import ImageError, decode_image
+
+_WS = re.compile(r"\s+")
+_URLSAFE = re.compile(r"[A-Za-z0-9_-]+={0,2}")
+_DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+;base64,", re.IGNORECASE)
+
+
+async def read_image_payloads(request: Request, max_images: int) -> list[bytes]:
+    """The raw bytes of each image in the request, in order."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        form = await request.form(max_files=max_images + 1, max_fields=max_images + 16)
+        try:
+            parts = form.getlist("images")
+            if not parts:
+                raise ApiError(
+                    422, "no images: send one or more multipart file parts named 'images', "
+                    'or JSON {"images": ["<base64>", ...]}'
+                )
+            _check_count(len(parts), max_images)
+            payloads = []
+            for i, part in enumerate(parts):
+                if not isinstance(part, UploadFile):
+                    raise ApiError(422, f"images[{i}] is a text field; send each image as a file part")
+                payloads.append(await part.read())
+            return payloads
+        finally:
+            await form.close()
+    if ctype in ("application/json", "") or ctype.endswith("+json"):
+        raw = await request.body()
+        try:
+            body: Any = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(422, 'request body is not valid JSON; send {"images": ["<base64>", ...]}') from None
+        if not isinstance(body, dict) or not isinstance(body.get("images"), list):
+            raise ApiError(422, 'JSON body must be an object {"images": ["<base64>", ...]}')
+        items = body["images"]
+        if not items:
+            raise ApiError(422, "no images: 'images' is an empty list")
+        _check_count(len(items), max_images)
+        return [_b64(i, item) for i, item in enumerate(items)]
+    raise ApiError(
+        415,
+        f"unsupported content type '{ctype}'; send multipart/form-data with 'images' file parts "
+        'or application/json {"images": ["<base64>", ...]}',
+    )
+
+
+def _check_count(n: int, max_images: int) -> None:
+    if n > max_images:
+        raise ApiError(413, f"{n} images in one request, over the limit of {max_images}")
+
+
+def _b64(i: int, item: Any) -> bytes:
+    if not isinstance(item, str):
+        raise ApiError(422, f"images[{i}] must be a base64 string")
+    text = _WS.sub("", _DATA_URL.sub("", item.strip(), count=1))
+    try:
+        if _URLSAFE.fullmatch(text) and ("-" in text or "_" in text or len(text) % 4):
+            return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, f"images[{i}] is not valid base64") from None
+
+
+def decode_images(payloads: list[bytes], max_pixels: int) -> list[Image.Image]:
+    """Decode every payload to RGB (GIF: first frame) or raise ApiError naming the index."""
+    out = []
+    for i, data in enumerate(payloads):
+        if not data:
+            raise ApiError(422, f"images[{i}] is empty")
+        try:
+            out.append(decode_image(data, max_pixels=max_pixels, name=f"images[{i}]"))
+        except ImageError as exc:
+            raise ApiError(exc.status_code, str(exc)) from None
+    return out

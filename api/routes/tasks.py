@@ -1,0 +1,257 @@
+"""Tasks (tenant): create, list, get, retrain, cancel, delete, download the prompt.
+
+Handlers are thin: parsing and validation here, persistence in ``store.repo``, work in
+``worker`` (enqueued only after the database commit).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
+from sqlalchemy.orm import Session
+
+from api.deps import CurrentTenant, current_tenant, get_session, get_state
+from api.errors import ApiError
+from api.schemas import ErrorOut, TaskList, TaskPublic, task_public
+from api.state import ServiceState
+from store import repo
+from store.archive import ArchiveLimits, inspect_archive
+from store.models import ACTIVE_STATUSES
+from store.objects import dataset_key, sha256_hex
+
+log = logging.getLogger("promptstore.api")
+
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+
+ZEROSHOT = "zeroshot"
+MAX_ZEROSHOT_CLASSES = 10_000
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "Missing or invalid API key."},
+    404: {"model": ErrorOut, "description": "Unknown task (or another tenant's)."},
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def parse_config(method: str, raw: str | None) -> dict[str, Any]:
+    """The validated full config (defaults filled; all defaults when ``raw`` is None).
+    422 for bad JSON, a non-object, an unknown method or an unknown/invalid key."""
+    from backbone import ConfigError, validate_config
+
+    cfg: Any = None
+    if raw is not None and raw.strip():
+        try:
+            cfg = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ApiError(422, f"config is not valid JSON ({exc.msg}); send a JSON object such as {{\"epochs\": 5}}") from None
+        if not isinstance(cfg, dict):
+            raise ApiError(422, "config must be a JSON object of method hyperparameters, e.g. {\"epochs\": 5}")
+    try:
+        validated = validate_config(method, cfg)
+    except ConfigError as exc:
+        raise ApiError(422, str(exc)) from None
+    try:
+        return json.loads(json.dumps(dict(validated)))
+    except (TypeError, ValueError):  # pragma: no cover - validate_config returns JSON types
+        return dict(validated)
+
+
+def parse_classes(raw: str | None) -> list[str]:
+    if raw is None or not raw.strip():
+        raise ApiError(422, 'classes is required for method zeroshot: a JSON list of class names, e.g. ["cat", "dog"]')
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ApiError(422, 'classes is not valid JSON; send a JSON list of class names, e.g. ["cat", "dog"]') from None
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        raise ApiError(422, 'classes must be a JSON list of strings, e.g. ["cat", "dog"]')
+    names = [c.strip() for c in value]
+    if any(not c for c in names):
+        raise ApiError(422, "classes: every class name must be a non-empty string")
+    if len(set(names)) != len(names):
+        dup = next(c for c in names if names.count(c) > 1)
+        raise ApiError(422, f"classes: '{dup}' appears twice; class names must be unique")
+    if len(names) < 2:
+        raise ApiError(422, "classes: a task needs at least 2 classes")
+    if len(names) > MAX_ZEROSHOT_CLASSES:
+        raise ApiError(413, f"classes: {len(names)} classes, over the limit of {MAX_ZEROSHOT_CLASSES}")
+    return names
+
+
+def store_dataset(state: ServiceState, s: Session, tenant_id: str, upload: UploadFile) -> tuple[str, list[str]]:
+    """Validate the uploaded zip, store it under its content-addressed key and record it
+    (in the caller's transaction). Returns ``(dataset_id, classes)``."""
+    limit = state.settings.max_upload_bytes
+    upload.file.seek(0)
+    data = upload.file.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, f"dataset archive is over the upload limit of {limit} bytes")
+    manifest = inspect_archive(data, ArchiveLimits.from_settings(state.settings))
+    digest = sha256_hex(data)
+    key = dataset_key(tenant_id, digest)
+    state.objects.put(key, data)  # the object before the row that points to it
+    ds = repo.create_dataset(
+        s,
+        tenant_id=tenant_id,
+        object_key=key,
+        sha256=digest,
+        size=len(data),
+        classes=manifest.classes,
+        counts=manifest.counts,
+    )
+    return ds.id, list(manifest.classes)
+
+
+def enqueue(state: ServiceState, s: Session, task_id: str, attempt: int, tenant_id: str) -> None:
+    """Submit the run (the caller has committed). If the broker is unreachable the run is
+    marked failed (so it does not sit in ``queued`` forever) and the client gets a 503."""
+    try:
+        state.dispatcher.submit(task_id, attempt)
+    except Exception as exc:
+        log.error("could not enqueue task %s attempt %s: %s", task_id, attempt, exc)
+        repo.fail_run(s, task_id, attempt, error="the job could not be queued (broker unreachable); retrain to try again")
+        s.commit()
+        raise ApiError(503, "the job queue is unavailable; the task was created but not queued, retrain it later") from None
+
+
+def get_own_task(s: Session, task_id: str, tenant: CurrentTenant) -> Any:
+    task = repo.get_task(s, task_id, tenant_id=tenant.id)
+    if task is None:
+        raise ApiError(404, f"task {task_id} not found")
+    return task
+
+
+# --------------------------------------------------------------------------- routes
+
+
+@router.post("", status_code=202, response_model=TaskPublic, responses={**_ERRORS, 413: {"model": ErrorOut}, 422: {"model": ErrorOut}})
+def create_task(
+    name: str = Form(..., min_length=1, max_length=200, description="Task name."),
+    method: str = Form(..., description="zeroshot, coop, cocoop, vpt-shallow, vpt-deep, padding or linear-probe."),
+    dataset: UploadFile | None = File(None, description="Zip of class folders (required but for zeroshot)."),
+    classes: str | None = Form(None, description='JSON list of class names (zeroshot only), e.g. ["cat", "dog"].'),
+    config: str | None = Form(None, description="JSON object of method hyperparameters."),
+    tenant: CurrentTenant = Depends(current_tenant),
+    state: ServiceState = Depends(get_state),
+    s: Session = Depends(get_session),
+) -> TaskPublic:
+    """Create a task from a labelled dataset (or class names for zeroshot) and queue its tuning."""
+    method = method.strip()
+    cfg = parse_config(method, config)
+    if method == ZEROSHOT:
+        class_names = parse_classes(classes)
+        dataset_id = None
+    else:
+        if dataset is None:
+            raise ApiError(422, f"dataset is required for method {method}: upload a zip of class folders")
+        dataset_id, class_names = store_dataset(state, s, tenant.id, dataset)
+    task = repo.create_task(
+        s, tenant_id=tenant.id, name=name.strip(), method=method, config=cfg, classes=class_names, dataset_id=dataset_id
+    )
+    s.commit()
+    enqueue(state, s, task.id, task.attempt, tenant.id)
+    return task_public(task)
+
+
+@router.get("", response_model=TaskList, responses={401: _ERRORS[401]})
+def list_tasks(tenant: CurrentTenant = Depends(current_tenant), s: Session = Depends(get_session)) -> TaskList:
+    items = [task_public(t) for t in repo.list_tasks(s, tenant_id=tenant.id)]
+    return TaskList(items=items, count=len(items))
+
+
+@router.get("/{task_id}", response_model=TaskPublic, responses=_ERRORS)
+def get_task(task_id: str, tenant: CurrentTenant = Depends(current_tenant), s: Session = Depends(get_session)) -> TaskPublic:
+    return task_public(get_own_task(s, task_id, tenant))
+
+
+@router.post("/{task_id}/retrain", status_code=202, response_model=TaskPublic, responses={**_ERRORS, 409: {"model": ErrorOut}})
+def retrain_task(
+    task_id: str,
+    dataset: UploadFile | None = File(None, description="A new dataset zip; omitted: keep the current one."),
+    config: str | None = Form(None, description="A new config JSON object; omitted: keep the current one."),
+    tenant: CurrentTenant = Depends(current_tenant),
+    state: ServiceState = Depends(get_state),
+    s: Session = Depends(get_session),
+) -> TaskPublic:
+    """Start a new tuning run; it becomes the next prompt version. A task that serves a
+    version keeps serving it meanwhile. Also the way to retry a failed task."""
+    task = get_own_task(s, task_id, tenant)
+    if task.run_status in ACTIVE_STATUSES:
+        raise ApiError(409, f"task {task_id} already has a {task.run_status} run; cancel it or wait until it finishes")
+    cfg = parse_config(task.method, config) if config is not None else None
+    dataset_id = None
+    if dataset is not None and task.method != ZEROSHOT:
+        dataset_id, _ = store_dataset(state, s, tenant.id, dataset)
+    try:
+        updated = repo.request_retrain(s, task_id, tenant_id=tenant.id, dataset_id=dataset_id, config=cfg)
+    except repo.TaskStateError as exc:
+        raise ApiError(409, str(exc)) from None
+    if updated is None:
+        raise ApiError(404, f"task {task_id} not found")
+    s.commit()
+    enqueue(state, s, updated.id, updated.attempt, tenant.id)
+    return task_public(updated)
+
+
+@router.post("/{task_id}/cancel", status_code=202, response_model=TaskPublic, responses=_ERRORS)
+def cancel_task(task_id: str, tenant: CurrentTenant = Depends(current_tenant), s: Session = Depends(get_session)) -> TaskPublic:
+    """Cancel the task's current run: a queued run at once, a running one at its next step.
+    A task with no run in progress is returned unchanged."""
+    task = repo.request_cancel(s, task_id, tenant_id=tenant.id)
+    if task is None:
+        raise ApiError(404, f"task {task_id} not found")
+    return task_public(task)
+
+
+@router.delete("/{task_id}", status_code=204, response_class=Response, responses=_ERRORS)
+def delete_task(
+    task_id: str,
+    tenant: CurrentTenant = Depends(current_tenant),
+    state: ServiceState = Depends(get_state),
+    s: Session = Depends(get_session),
+) -> Response:
+    """Delete the task, its prompt objects and its dataset (unless another task uses it)."""
+    keys = repo.delete_task(s, task_id, tenant_id=tenant.id)
+    if keys is None:
+        raise ApiError(404, f"task {task_id} not found")
+    s.commit()
+    state.inference.evict(task_id)
+    for key in keys:
+        try:
+            state.objects.delete(key)
+        except Exception as exc:  # the rows are gone; an orphan object is only storage
+            log.error("task %s deleted but object %s could not be removed: %s", task_id, key, exc)
+    return Response(status_code=204)
+
+
+@router.get(
+    "/{task_id}/prompt",
+    response_class=Response,
+    responses={**_ERRORS, 409: {"model": ErrorOut}, 200: {"content": {"application/octet-stream": {}}, "description": "safetensors"}},
+)
+def download_prompt(
+    task_id: str,
+    tenant: CurrentTenant = Depends(current_tenant),
+    state: ServiceState = Depends(get_state),
+    s: Session = Depends(get_session),
+) -> Response:
+    """The served prompt as safetensors; its header metadata holds method, backbone, classes,
+    config and version."""
+    pv = repo.get_served_version(s, task_id, tenant_id=tenant.id)
+    if pv is None:
+        task = get_own_task(s, task_id, tenant)
+        raise ApiError(409, f"task {task_id} has no prompt yet (status {task.status})")
+    data = state.objects.get(pv.object_key)
+    return Response(
+        content=data,
+        media_type="application/octet-stream",
+        headers={
+            "Content-Disposition": f'attachment; filename="{task_id}-v{pv.version}.safetensors"',
+            "X-Prompt-Version": str(pv.version),
+            "ETag": f'"{pv.sha256}"',
+        },
+    )

@@ -1,0 +1,31 @@
+"""Tenants (admin): create and list."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from sqlalchemy.orm import Session
+
+from api.deps import get_session, require_admin
+from api.errors import ApiError
+from api.schemas import TenantCreate, TenantCreated, TenantList, TenantPublic
+from store import repo
+
+router = APIRouter(prefix="/v1/admin/tenants", tags=["tenants (admin)"], dependencies=[Depends(require_admin)])
+
+
+@router.post("", status_code=201, response_model=TenantCreated)
+def create_tenant(body: TenantCreate, s: Session = Depends(get_session)) -> TenantCreated:
+    """Create a tenant; the answer holds its API key, which is shown only here."""
+    try:
+        tenant, key = repo.create_tenant(s, body.name)
+    except repo.TenantExists as exc:
+        raise ApiError(409, str(exc)) from None
+    except repo.StoreError as exc:
+        raise ApiError(422, str(exc)) from None
+    return TenantCreated(id=tenant.id, name=tenant.name, api_key=key)
+
+
+@router.get("", response_model=TenantList)
+def list_tenants(s: Session = Depends(get_session)) -> TenantList:
+    items = [TenantPublic.model_validate(t) for t in repo.list_tenants(s)]
+    return TenantList(items=items, count=len(items))

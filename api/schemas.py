@@ -1,0 +1,130 @@
+"""Request and response bodies, per resource: Create / Public / List (``{"items", "count"}``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+# --------------------------------------------------------------------------- tenants
+
+
+class TenantCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=200, description="Unique tenant name.")
+
+
+class TenantCreated(_Out):
+    id: str
+    name: str
+    api_key: str = Field(description="Shown only here; the service stores only its hash.")
+
+
+class TenantPublic(_Out):
+    id: str
+    name: str
+    created_at: dt.datetime
+    task_count: int = 0
+    request_count: int = 0
+    last_request_at: dt.datetime | None = None
+
+
+class TenantList(BaseModel):
+    items: list[TenantPublic]
+    count: int
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+class TrainingState(BaseModel):
+    """The state of a retrain of a task that keeps serving its current version."""
+
+    status: str
+    progress: float
+    error: str | None = None
+
+
+class TaskPublic(_Out):
+    id: str
+    name: str
+    method: str
+    status: str = Field(description="queued | running | ready | failed | cancelled")
+    progress: float = Field(description="Fraction of the current run done, in [0, 1].")
+    classes: list[str]
+    config: dict[str, Any]
+    metrics: dict[str, Any] | None = Field(
+        None, description="val_accuracy, train_seconds, n_train, n_val, ... once ready."
+    )
+    error: str | None = Field(None, description="Why the task failed; null unless failed.")
+    version: int | None = Field(None, description="Prompt version being served; null before the first.")
+    training: TrainingState | None = Field(
+        None, description="A retrain in progress (or its outcome) while the task keeps serving `version`."
+    )
+    history: list[dict[str, Any]] | None = Field(None, description="Per-epoch loss and validation accuracy.")
+    confusion: list[list[int]] | None = Field(None, description="Validation confusion matrix (rows = true class).")
+    dataset_id: str | None = None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+class TaskList(BaseModel):
+    items: list[TaskPublic]
+    count: int
+
+
+def task_public(task: Any) -> TaskPublic:
+    training = None
+    if task.training:
+        t = task.training
+        training = TrainingState(
+            status=str(t.get("status")), progress=float(t.get("progress") or 0.0), error=t.get("error")
+        )
+    return TaskPublic(
+        id=task.id,
+        name=task.name,
+        method=task.method,
+        status=task.status,
+        progress=float(task.progress or 0.0),
+        classes=list(task.classes or []),
+        config=dict(task.config or {}),
+        metrics=task.metrics,
+        error=task.error,
+        version=task.version,
+        training=training,
+        history=task.history,
+        confusion=task.confusion,
+        dataset_id=task.dataset_id,
+        created_at=task.created_at,
+        updated_at=task.updated_at,
+    )
+
+
+# --------------------------------------------------------------------------- classify
+
+
+class ClassifyJSON(BaseModel):
+    images: list[str] = Field(description="Base64-encoded images (PNG, JPEG, WebP, BMP, GIF).")
+
+
+class Prediction(BaseModel):
+    label: str
+    score: float = Field(description="Softmax probability over the task's classes.")
+
+
+class ClassifyResponse(BaseModel):
+    task_id: str
+    version: int = Field(description="The prompt version that answered.")
+    predictions: list[list[Prediction]] = Field(description="One list per image, in order; best first.")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ErrorOut(BaseModel):
+    detail: str

@@ -1,0 +1,94 @@
+"""Per-process resources shared by every job (and by the API in the same process).
+
+The backbone is loaded once per process and kept (keyed by spec and device),
+never per job; database engines and object stores are likewise opened once
+per URL.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from store.db import make_engine, make_sessionmaker
+from store.objects import ObjectStore, open_object_store
+
+if TYPE_CHECKING:
+    from backbone import Backbone
+    from store.settings import Settings
+
+log = logging.getLogger("promptstore.worker")
+
+_lock = threading.Lock()
+_backbone_locks: dict[tuple[str, str | None], threading.Lock] = {}
+_backbones: dict[tuple[str, str | None], "Backbone"] = {}
+_sessionmakers: dict[str, sessionmaker[Session]] = {}
+_object_stores: dict[tuple[str, str | None], ObjectStore] = {}
+
+
+def get_backbone(spec: str, device: str | None = None) -> "Backbone":
+    """The process's backbone for ``(spec, device)``, loaded on first use.
+
+    Concurrent first callers wait for the one load; a failed load is not cached,
+    so the next caller tries again (and gets the same clear error).
+    """
+    key = (spec, device)
+    bb = _backbones.get(key)
+    if bb is not None:
+        return bb
+    with _lock:
+        load_lock = _backbone_locks.setdefault(key, threading.Lock())
+    with load_lock:
+        bb = _backbones.get(key)
+        if bb is None:
+            from backbone import load_backbone
+
+            bb = load_backbone(spec, device)
+            if getattr(bb, "weights", None) == "random":
+                log.warning(
+                    "backbone %s runs with RANDOM weights: predictions are only meaningful for "
+                    "tests and trials; set PROMPTSTORE_BACKBONE to real weights for production",
+                    bb.spec,
+                )
+            else:
+                log.info("backbone %s loaded on %s", bb.spec, bb.device)
+            _backbones[key] = bb
+    return bb
+
+
+def loaded_backbone(spec: str, device: str | None = None) -> "Backbone | None":
+    """The backbone if this process has loaded it already, else None (never loads)."""
+    return _backbones.get((spec, device))
+
+
+def get_sessionmaker(database_url: str) -> sessionmaker[Session]:
+    with _lock:
+        sm = _sessionmakers.get(database_url)
+        if sm is None:
+            sm = make_sessionmaker(make_engine(database_url))
+            _sessionmakers[database_url] = sm
+        return sm
+
+
+def get_object_store(settings: "Settings") -> ObjectStore:
+    key = (settings.object_store_url, settings.s3_access_key)
+    with _lock:
+        objects = _object_stores.get(key)
+        if objects is None:
+            objects = open_object_store(settings)
+            _object_stores[key] = objects
+        return objects
+
+
+def reset_for_tests(**_: Any) -> None:
+    """Forget cached engines and stores (tests that drop databases between runs)."""
+    with _lock:
+        for sm in _sessionmakers.values():
+            bind = sm.kw.get("bind")
+            if bind is not None:
+                bind.dispose()
+        _sessionmakers.clear()
+        _object_stores.clear()
