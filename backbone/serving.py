@@ -18,6 +18,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .artifacts import TrainedPrompt
 from .errors import PromptFormatError, PromptMismatch
@@ -42,13 +43,6 @@ class ResidentPrompt:
         self.image_path = module.image_path
         self.n_tokens = module.n_tokens
         self.deep = module.deep
-        seen: set[int] = set()
-        total = 0
-        for t in module.resident_tensors():
-            if id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-        self.nbytes = total  # device bytes held by this task
         frame = module.pixel_frame()
         self.frame = None if frame is None else frame.detach().to(backbone.dtype)  # (1, 3, S, S)
         if self.n_tokens:
@@ -57,6 +51,8 @@ class ResidentPrompt:
             self.deep_prompts = p[1:] if self.deep else None  # (depth-1, N, D)
         else:
             self.first = self.deep_prompts = None
+        derived = [t for t in (self.frame, self.first, self.deep_prompts) if t is not None]
+        self.nbytes = _storage_bytes([*module.resident_tensors(), *derived])  # device bytes held by this task
 
     def __repr__(self) -> str:
         return f"ResidentPrompt({self.method}, {len(self.classes)} classes, {self.nbytes} B)"
@@ -84,6 +80,17 @@ def prepare_resident(backbone: "Backbone", prompt: TrainedPrompt) -> ResidentPro
         module.load_state_dict({k: v.to(backbone.device) for k, v in prompt.tensors.items()}, strict=True)
     except RuntimeError as exc:
         raise PromptFormatError(f"prompt tensors do not fit method {prompt.method}: {exc}") from None
+    return resident_from_module(backbone, prompt, module)
+
+
+def resident_from_module(backbone: "Backbone", prompt: TrainedPrompt, module: PromptModule) -> ResidentPrompt:
+    """Serve ``module`` (already holding ``prompt``'s tensors, e.g. just tuned) without rebuilding it.
+    The module is frozen and stripped for serving in place."""
+    if prompt.fingerprint != backbone.fingerprint or module.bb is not backbone:
+        raise PromptMismatch(
+            f"prompt was trained on backbone {prompt.fingerprint} but this backbone is {backbone.fingerprint}; "
+            "retrain the task on this backbone"
+        )
     module.eval()
     module.requires_grad_(False)
     module.prepare_serving()
@@ -155,32 +162,53 @@ def forward_mixed(
         x = images[torch.tensor(rows, device=dev)]
         _store(rows, backbone.vision.forward(x, TokenPrompts(first=first, deep=deep, deep_index=deep_index)))
 
-    # ---- 3: heads per task
-    out: list[torch.Tensor | None] = [None] * b
+    # ---- 3: heads per task, on each task's rows (one index transfer, one result transfer)
     rows_of: dict[int, list[int]] = defaultdict(list)
     for i, r in enumerate(owners):
         rows_of[r].append(i)
-    cocoop: list[tuple[CoCoOpModule, list[int], torch.Tensor]] = []
-    for r, rows in rows_of.items():
-        idx = torch.tensor(rows, device=dev)
+    tasks = list(rows_of)
+    perm = torch.tensor([i for r in tasks for i in rows_of[r]], device=dev)  # (B,) rows grouped by task
+    embeds, pooled = embeds[perm], pooled[perm]  # (B, E), (B, W) in task order
+    logits: dict[int, torch.Tensor] = {}  # task -> (b_r, C_r) on device
+    cocoop: list[tuple[int, CoCoOpModule, torch.Tensor]] = []
+    start = 0
+    for r in tasks:
+        n = len(rows_of[r])
+        feats = ImageFeatures(pooled=pooled[start:start + n], embeds=embeds[start:start + n])
+        start += n
         module = residents[r].module
         if isinstance(module, CoCoOpModule):
-            cocoop.append((module, rows, embeds[idx]))
-            continue
-        logits = module.head(ImageFeatures(pooled=pooled[idx], embeds=embeds[idx])).float().cpu()  # (b_r, C)
-        for j, i in enumerate(rows):
-            out[i] = logits[j]
-    if cocoop:
-        inputs = [m.text_inputs(e) for m, _, e in cocoop]  # [(b_r*C_r, L, Dt), (b_r*C_r,)]
-        text = backbone.text.encode_embedded(torch.cat([x for x, _ in inputs]), torch.cat([e for _, e in inputs]))
+            cocoop.append((r, module, feats.embeds))
+        else:
+            logits[r] = module.head(feats)
+    if cocoop:  # every CoCoOp image's per-class prompts through the text tower in one call
+        inputs = [m.text_inputs(e) for _, m, e in cocoop]  # [(b_r*C_r, L_r, Dt), (b_r*C_r,)]
+        length = max(x.shape[1] for x, _ in inputs)  # zero-pad after every EOT to one length
+        x_all = torch.cat([F.pad(x, (0, 0, 0, length - x.shape[1])) for x, _ in inputs])  # (T, L, Dt)
+        text = backbone.text.encode_embedded(x_all, torch.cat([e for _, e in inputs]))
         start = 0
-        for (m, rows, e), (x, _) in zip(cocoop, inputs):
-            feats = text[start:start + x.shape[0]]  # (b_r*C_r, E)
+        for (r, m, e), (x, _) in zip(cocoop, inputs):
+            logits[r] = m.logits_from_text(e, text[start:start + x.shape[0]])  # (b_r, C_r)
             start += x.shape[0]
-            logits = m.logits_from_text(e, feats).float().cpu()
-            for j, i in enumerate(rows):
-                out[i] = logits[j]
+    flat = torch.cat([logits[r].float().reshape(-1) for r in tasks]).cpu()
+    out: list[torch.Tensor | None] = [None] * b
+    start = 0
+    for r in tasks:
+        n_cls = len(residents[r].classes)
+        block = flat[start:start + len(rows_of[r]) * n_cls].view(-1, n_cls)  # (b_r, C_r)
+        start += block.numel()
+        for j, i in enumerate(rows_of[r]):
+            out[i] = block[j]
     return out  # type: ignore[return-value]
+
+
+def _storage_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views and aliases counted once)."""
+    seen: dict[tuple[str, int], int] = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        seen[(str(t.device), st.data_ptr())] = st.nbytes()
+    return sum(seen.values())
 
 
 def _gather(keys: list[int], get) -> tuple[torch.Tensor, torch.Tensor]:

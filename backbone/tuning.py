@@ -53,6 +53,42 @@ def build_module(backbone: "Backbone", spec: MethodSpec, classes: list[str], con
     return module.to(backbone.device)
 
 
+def random_module(
+    backbone: "Backbone", method: str, classes: list[str], config: dict | None = None, *, seed: int = 0,
+    scale: float = 0.05,
+) -> PromptModule:
+    """A module as tuning would leave it, without tuning: the method's own initialisation
+    (seeded) plus N(0, scale^2) noise on every learned tensor, so that tasks really differ.
+    For benchmarks and tests of serving; the caller's RNG state is left untouched."""
+    spec = get_method(method)
+    cfg = parse_config(method, {**(config or {}), "seed": seed})
+    devices = [backbone.device] if backbone.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        module = build_module(backbone, spec, classes, cfg)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(scale * torch.randn_like(p))
+    return module
+
+
+def prompt_of(backbone: "Backbone", method: str, module: PromptModule, metrics: dict | None = None) -> TrainedPrompt:
+    """The saveable prompt of ``module`` (its state dict on the CPU)."""
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+    return TrainedPrompt(
+        method, module.config.model_dump(mode="json"), list(module.classes), backbone.fingerprint, tensors,
+        metrics=dict(metrics or {}),
+    )
+
+
+def random_prompt(
+    backbone: "Backbone", method: str, classes: list[str], config: dict | None = None, *, seed: int = 0,
+    scale: float = 0.05,
+) -> TrainedPrompt:
+    """``random_module`` as a saveable prompt."""
+    return prompt_of(backbone, get_method(method).name, random_module(backbone, method, classes, config, seed=seed, scale=scale))
+
+
 def split_indices(labels: torch.Tensor, n_classes: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stratified split: round(n_c * val_fraction) images of each class go to validation,
     but every class keeps at least one training image. Returns (train_idx, val_idx), sorted."""
@@ -179,14 +215,7 @@ def tune(
         "epochs": run.epochs,
         **run.extra_metrics,
     }
-    prompt = TrainedPrompt(
-        method=spec.name,
-        config=cfg.model_dump(mode="json"),
-        classes=list(classes),
-        fingerprint=backbone.fingerprint,
-        tensors={k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()},
-        metrics=metrics,
-    )
+    prompt = prompt_of(backbone, spec.name, module, metrics)
     return TuneResult(prompt=prompt, metrics=metrics, history=run.history, confusion=run.confusion)
 
 

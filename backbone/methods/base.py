@@ -176,19 +176,23 @@ def clip_logits(scale: torch.Tensor, image_embeds: torch.Tensor, text_feats: tor
     return scale * img @ txt.t()
 
 
+TEXT_BATCH = 512  # text sequences per text-tower call when building classifiers
+
+
 def class_text_features(backbone: "Backbone", classes: list[str], templates: list[str]) -> torch.Tensor:
     """Zero-shot classifier: per template normalised text features, averaged over templates,
     normalised again (CLIP's ensemble; one template gives that template's normalised features).
     Class names get '_' replaced by spaces. Returns (C, E) float32."""
     text = backbone.require_text("a CLIP text classifier")
     names = [c.replace("_", " ") for c in classes]
+    prompts = [t.format(name) for name in names for t in templates]  # class-major, C * K
+    per_call = max(len(templates), TEXT_BATCH // len(templates) * len(templates))  # whole classes per call
     feats = []
     with torch.no_grad():
-        for name in names:
-            tokens = backbone.tokenize([t.format(name) for t in templates])  # (K, L)
-            f = F.normalize(text.encode(tokens).float(), dim=-1).mean(dim=0)  # (E,)
-            feats.append(F.normalize(f, dim=-1))
-    return torch.stack(feats)  # (C, E)
+        for i in range(0, len(prompts), per_call):
+            f = text.encode(backbone.tokenize(prompts[i:i + per_call])).float()  # (c * K, E)
+            feats.append(F.normalize(f, dim=-1).reshape(-1, len(templates), f.shape[-1]).mean(dim=1))  # (c, E)
+    return F.normalize(torch.cat(feats), dim=-1)  # (C, E)
 
 
 class ClipTextHead(nn.Module):

@@ -71,7 +71,8 @@ class CoOpModule(PromptModule):
     def __init__(self, backbone: "Backbone", classes: list[str], config: CoOpConfig):
         super().__init__(backbone, classes, config)
         text = backbone.require_text("coop")
-        n_ctx, ctx_init = self._init_context(backbone, config)
+        class_specific = bool(getattr(config, "class_specific", False))
+        n_ctx, ctx_init = self._init_context(backbone, config, len(classes) if class_specific else None)
         self.n_ctx = n_ctx
         names = [c.replace("_", " ") for c in classes]
         self.name_lens = [backbone_token_count(backbone, n) for n in names]
@@ -83,13 +84,17 @@ class CoOpModule(PromptModule):
         self.register_buffer("prefix", emb[:, :1].clone(), persistent=False)  # (C, 1, Dt)  SOT
         self.register_buffer("suffix", emb[:, 1 + n_ctx:].clone(), persistent=False)  # (C, L-1-n_ctx, Dt)
         self.register_buffer("eot", tokens.argmax(dim=-1), persistent=False)  # (C,)
-        if getattr(config, "class_specific", False):
-            ctx_init = ctx_init.unsqueeze(0).expand(len(classes), -1, -1).clone()  # (C, n_ctx, Dt)
         self.ctx = nn.Parameter(ctx_init.float())  # (n_ctx, Dt) or (C, n_ctx, Dt)
         self.register_buffer("text_feats", None, persistent=False)  # filled by prepare_serving
 
     @staticmethod
-    def _init_context(backbone: "Backbone", config: CoOpConfig) -> tuple[int, torch.Tensor]:
+    def _init_context(
+        backbone: "Backbone", config: CoOpConfig, n_classes: int | None = None
+    ) -> tuple[int, torch.Tensor]:
+        """(n_ctx, initial context): (n_ctx, Dt) unified, or (n_classes, n_ctx, Dt) class-specific.
+
+        Random init draws every class's context independently (CoOp's CSC); a phrase init
+        gives every class the phrase's embeddings."""
         text = backbone.require_text("coop")
         if config.init:
             phrase = config.init.replace("_", " ").strip()
@@ -102,9 +107,12 @@ class CoOpModule(PromptModule):
             tokens = backbone.tokenize([phrase])  # (1, L)
             with torch.no_grad():
                 ctx = text.embed_tokens(tokens)[0, 1:1 + n].clone()  # (n_ctx, Dt)
+            if n_classes is not None:
+                ctx = ctx.unsqueeze(0).expand(n_classes, -1, -1).clone()  # (C, n_ctx, Dt)
             return n, ctx
         n = config.n_ctx or DEFAULT_N_CTX
-        ctx = torch.empty(n, text.width, device=backbone.device)
+        shape = (n, text.width) if n_classes is None else (n_classes, n, text.width)
+        ctx = torch.empty(shape, device=backbone.device)
         nn.init.normal_(ctx, std=config.init_std)
         return n, ctx
 

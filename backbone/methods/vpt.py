@@ -83,15 +83,17 @@ class VPTModule(PromptModule):
     def deep(self) -> bool:
         return self.is_deep and self.prompts.shape[0] > 1
 
-    def layer_prompts(self) -> torch.Tensor:  # (layers, N, D), dropout applied while training
+    def layer_prompts(self) -> torch.Tensor:  # (layers, N, D), one dropout mask while training
         return self.prompt_dropout(self.prompts)
 
     def token_prompts(self, batch: int) -> TokenPrompts | None:
         if self.n_tokens == 0:
             return None
-        p = self.layer_prompts()  # (layers, N, D)
-        first = p[0].unsqueeze(0).expand(batch, -1, -1)  # (B, N, D)
-        deep = p[1:].unsqueeze(0).expand(batch, -1, -1, -1) if self.deep else None  # (B, depth-1, N, D)
+        # expand first, then dropout: every image draws its own mask, as VPT's reference code
+        # does (``prompt_dropout(prompts.expand(B, -1, -1))``); identity (and views) in eval
+        p = self.prompt_dropout(self.prompts.unsqueeze(0).expand(batch, -1, -1, -1))  # (B, layers, N, D)
+        first = p[:, 0]  # (B, N, D)
+        deep = p[:, 1:] if self.deep else None  # (B, depth-1, N, D)
         return TokenPrompts(first=first, deep=deep)
 
     def head(self, feats: ImageFeatures) -> torch.Tensor:  # -> (B, C)

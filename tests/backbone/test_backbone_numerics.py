@@ -43,6 +43,18 @@ def test_coop_class_specific_context_shape_and_init(tiny):
         assert (m.text_features() - ref.text_features()).abs().max() < 1e-6
 
 
+def test_coop_class_specific_random_init_draws_each_class(tiny):
+    """CoOp's CSC random init: torch.empty(n_cls, n_ctx, D) with N(0, 0.02), independent per class."""
+    m = _module(tiny, "coop", {"class_specific": True, "n_ctx": 8, "seed": 0})
+    assert m.ctx.shape == (len(NAMES), 8, tiny.text.width)
+    for i in range(1, len(NAMES)):
+        assert not torch.allclose(m.ctx[0], m.ctx[i])
+    assert abs(m.ctx.std().item() - 0.02) < 0.005
+    with torch.no_grad():
+        emb = m.prompt_embeddings()  # (C, L, Dt): each class reads its own context
+    assert torch.equal(emb[:, 1:9], m.ctx)
+
+
 def test_coop_random_init_is_n_ctx_16_std_002(tiny):
     m = _module(tiny, "coop", {"seed": 0})
     assert m.ctx.shape == (16, tiny.text.width)
@@ -149,6 +161,24 @@ def test_vpt_prompt_dropout_only_while_training(tiny):
     assert not torch.equal(m.layer_prompts(), m.prompts)
     m.eval()
     assert torch.equal(m.layer_prompts(), m.prompts)
+
+
+def test_vpt_prompt_dropout_masks_each_image(tiny):
+    """VPT's reference expands the prompts to the batch before dropout: one mask per image."""
+    m = _module(tiny, "vpt-deep", {"n_tokens": 6, "prompt_dropout": 0.5})
+    m.train()
+    tp = m.token_prompts(4)
+    assert tp.first.shape == (4, 6, tiny.vision.width) and tp.deep.shape == (4, tiny.vision.depth - 1, 6, tiny.vision.width)
+    kept = tp.first != 0  # (B, N, D)
+    assert not torch.equal(kept[0], kept[1])
+    # kept entries are the prompts scaled by 1 / (1 - p), dropped ones are 0
+    ref = (m.prompts[0] * 2.0).expand(4, -1, -1)
+    assert torch.allclose(tp.first[kept], ref[kept])
+    assert not torch.equal(tp.deep[0] != 0, tp.deep[1] != 0)
+    m.eval()
+    tp = m.token_prompts(3)
+    assert torch.equal(tp.first, m.prompts[0].expand(3, -1, -1))
+    assert torch.equal(tp.deep, m.prompts[1:].expand(3, -1, -1, -1))
 
 
 def test_padding_frame_layout(tiny):

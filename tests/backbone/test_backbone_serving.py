@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backbone import PromptMismatch, TrainedPrompt, forward_mixed
-from backbone.methods import get_method, parse_config
-from backbone.tuning import build_module
+from backbone import PromptMismatch, forward_mixed
+from backbone.serving import resident_from_module
+from backbone.tuning import prompt_of, random_module, random_prompt
 
 # 12 tasks, all 7 methods; VPT with lengths 0, 3 (shallow and deep: one group), 5
 TASKS = [
@@ -18,7 +18,7 @@ TASKS = [
     ("cocoop", {"n_ctx": 2, "init": None}, 5),
     ("vpt-shallow", {"n_tokens": 3}, 2),
     ("vpt-deep", {"n_tokens": 3, "head": "clip"}, 3),
-    ("vpt-deep", {"n_tokens": 5}, 4),
+    ("vpt-deep", {"n_tokens": 5, "prompt_dropout": 0.1}, 4),  # dropout: training only
     ("vpt-shallow", {"n_tokens": 0}, 2),
     ("padding", {}, 3),
     ("padding", {"pad": 6, "head": "linear"}, 2),
@@ -28,14 +28,8 @@ TASKS = [
 
 def _resident(bb, method, config, n_classes, seed):
     classes = [f"thing_{seed}_{i}" for i in range(n_classes)]
-    cfg = parse_config(method, {**config, "seed": seed})
-    torch.manual_seed(seed)
-    module = build_module(bb, get_method(method), classes, cfg)
-    with torch.no_grad():  # move every learned tensor away from its init so tasks really differ
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    prompt = TrainedPrompt(method, cfg.model_dump(mode="json"), classes, bb.fingerprint, module.state_dict())
-    return bb.prepare(prompt)
+    # init plus noise on every learned tensor, so that tasks really differ
+    return bb.prepare(random_prompt(bb, method, classes, config, seed=seed))
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +82,13 @@ def test_resident_bytes(tiny, residents):
     # after prepare, CoOp holds its context and class text features, not the token embeddings
     assert coop.module.prefix is None and coop.module.text_feats is not None
     assert coop.nbytes < 4 * 1024 + 4 * len(coop.classes) * tiny.vision.embed_dim + 4096
+    # fp32 VPT serves views of its own prompts: counted once, exactly the stored tensors
+    vpt = residents[5]
+    assert vpt.method == "vpt-shallow" and vpt.nbytes == vpt.prompt.nbytes
+    # padding also keeps its assembled frame (1, 3, S, S) and its class text features
+    pad = residents[9]
+    assert pad.method == "padding"
+    assert pad.nbytes == pad.prompt.nbytes + 3 * 32 * 32 * 4 + 4 * len(pad.classes) * tiny.vision.embed_dim
 
 
 def test_owner_validation(tiny, residents):
@@ -103,3 +104,27 @@ def test_residents_of_another_backbone_are_refused(tiny, tiny_other):
     other = _resident(tiny_other, "coop", {"n_ctx": 2}, 2, 0)
     with pytest.raises(PromptMismatch):
         forward_mixed(tiny, [other], torch.randn(1, 3, 32, 32), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("method", ["coop", "padding", "vpt-deep"])
+def test_resident_from_module_serves_like_a_loaded_prompt(tiny, tiny_other, method):
+    module = random_module(tiny, method, ["a", "b", "c"], {}, seed=3)
+    prompt = prompt_of(tiny, method, module)
+    loaded = tiny.prepare(prompt)
+    direct = resident_from_module(tiny, prompt, module)  # no rebuild, no state-dict round trip
+    assert direct.nbytes == loaded.nbytes
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(direct.forward(x), loaded.forward(x))
+    with pytest.raises(PromptMismatch):
+        resident_from_module(tiny_other, prompt, random_module(tiny, method, ["a", "b", "c"], {}, seed=3))
+
+
+def test_cocoop_serving_keeps_the_suffix_up_to_the_last_eot(tiny):
+    module = random_module(tiny, "cocoop", ["sea_lion", "a much longer class name here", "cat"], {}, seed=5)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        before = module(images=x)
+    full = module.suffix.shape[1]
+    res = resident_from_module(tiny, prompt_of(tiny, "cocoop", module), module)
+    assert module.suffix.shape[1] == int(module.eot.max()) + 1 - (1 + module.n_ctx) < full
+    assert torch.equal(res.forward(x), before)
