@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -9,6 +10,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import BodyTooLarge
+from store import logcontext
+
+access_log = logging.getLogger("promptstore.access")
 
 #: Room for the non-file multipart fields and part headers around an upload.
 FORM_OVERHEAD_BYTES = 1024 * 1024
@@ -96,19 +100,39 @@ class MetricsMiddleware:
             return
         start = time.perf_counter()
         status = [500]
+        given = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"x-request-id"), None)
+        request_id = logcontext.new_request_id(given)
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = int(message["status"])
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
-            await self.app(scope, receive, send_wrapper)
+            # Every log line of this request carries its id (and the tenant/task ids that
+            # the dependencies add); the response says it in X-Request-ID.
+            with logcontext.bind(request_id=request_id):
+                try:
+                    await self.app(scope, receive, send_wrapper)
+                finally:
+                    _access_log(scope, status[0], time.perf_counter() - start)
         finally:
             route = _route_template(scope)
             method = scope.get("method", "GET")
             self.metrics.requests.labels(route, method, str(status[0])).inc()
             self.metrics.latency.labels(route, method).observe(time.perf_counter() - start)
+
+
+def _access_log(scope: dict[str, Any], status: int, seconds: float) -> None:
+    """One line per request, inside the request's log context (so that JSON logs carry its
+    request, tenant and task ids); replaces uvicorn's access log."""
+    method, path = scope.get("method", "GET"), scope.get("path", "")
+    access_log.info(
+        "%s %s %d %.1fms", method, path, status, 1000 * seconds,
+        extra={"http": {"method": method, "path": path, "route": _route_template(scope), "status": status,
+                        "duration_ms": round(1000 * seconds, 2)}},
+    )
 
 
 def _route_template(scope: dict[str, Any]) -> str:

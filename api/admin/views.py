@@ -1,0 +1,483 @@
+"""The admin dashboard: server-rendered pages under ``/admin`` and the small JSON feed their
+script polls for live progress (``/admin/api/...``).
+
+Without the admin token there is no page and no data: pages answer 401 with the login form
+in their place, JSON and POST routes 401 ``{"detail"}``. POST forms need the session's CSRF token.
+Handlers are thin: queries in ``store.overview`` / ``store.repo``, serving-side numbers in
+``api.admin.panels``, pictures in ``api.admin.charts``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from importlib import resources
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from fastapi import APIRouter, Form, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from api.admin import auth, charts, panels
+from api.errors import ApiError
+from api.routes.tasks import delete_task_and_objects
+from api.state import ServiceState
+from store import logcontext, overview, repo
+from store.db import session_scope
+from store.models import ACTIVE_STATUSES, TASK_STATUSES
+
+log = logging.getLogger("promptstore.admin")
+
+router = APIRouter(prefix="/admin", include_in_schema=False)
+
+PAGE_SIZE = 100
+LIVE_POLL_MS = 1000
+
+#: Security headers of every admin response: no framing, no third-party anything, no caching.
+_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+_STATIC = {"admin.css": "text/css; charset=utf-8", "admin.js": "text/javascript; charset=utf-8"}
+_NOTICES = {
+    "cancelled": "Cancel requested: a queued run stops at once, a running one at its next step.",
+    "retried": "A new run was queued.",
+    "deleted": "The task and its prompt objects were deleted.",
+    "idle": "Nothing to cancel: the task has no run in progress.",
+}
+
+
+def _fmt_time(value: dt.datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "—"
+
+
+def _fmt_pct(value: Any) -> str:
+    return f"{100 * float(value):.1f} %" if isinstance(value, (int, float)) else "—"
+
+
+def _fmt_bytes(value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "—"
+    v = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if v < 1024 or unit == "GiB":
+            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
+        v /= 1024
+    return f"{v:.1f} GiB"  # pragma: no cover
+
+
+def _fmt_num(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "—" if value is None else str(value)
+
+
+env = Environment(
+    loader=PackageLoader("api.admin", "templates"),
+    autoescape=select_autoescape(default=True, default_for_string=True),
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+env.filters.update(time=_fmt_time, pct=_fmt_pct, bytes=_fmt_bytes, num=_fmt_num)
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+def _state(request: Request) -> ServiceState:
+    return request.app.state.ps
+
+
+def _admin(request: Request) -> auth.Admin | None:
+    return auth.authenticate(request, _state(request).settings.admin_token)
+
+
+def _require_api(request: Request) -> auth.Admin:
+    admin = _admin(request)
+    if admin is None:
+        raise ApiError(
+            401,
+            "admin token required: log in at /admin/login, or send 'Authorization: Bearer <admin_token>'",
+            {"WWW-Authenticate": "Bearer"},
+        )
+    return admin
+
+
+def _require_form(request: Request, csrf: str | None) -> auth.Admin:
+    admin = _require_api(request)
+    if not admin.csrf_ok(csrf):
+        raise ApiError(403, "missing or invalid CSRF token: reload the page and submit the form again")
+    return admin
+
+
+def _to_login(request: Request) -> HTMLResponse:
+    """401 with the login form (and nothing else); after logging in it returns here."""
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    resp = _render(
+        "login.html", time.perf_counter(), status=401, next=_safe_next(target), error=None,
+        disabled=not _state(request).settings.admin_token,
+    )
+    resp.headers["WWW-Authenticate"] = 'Bearer realm="promptstore admin"'
+    return resp
+
+
+def _render(name: str, started: float, *, status: int = 200, **ctx: Any) -> HTMLResponse:
+    html = env.get_template(name).render(live_poll_ms=LIVE_POLL_MS, **ctx)
+    headers = {**_HEADERS, "Server-Timing": f"render;dur={1000 * (time.perf_counter() - started):.1f}"}
+    return HTMLResponse(html, status_code=status, headers=headers)
+
+
+def _json(data: Any, started: float) -> JSONResponse:
+    headers = {**_HEADERS, "Server-Timing": f"render;dur={1000 * (time.perf_counter() - started):.1f}"}
+    return JSONResponse(data, headers=headers)
+
+
+def _safe_next(target: str | None) -> str:
+    """Only a path under /admin (no open redirect to another site)."""
+    if target and target.startswith("/admin") and not target.startswith("//") and "\\" not in target:
+        return target
+    return "/admin"
+
+
+def _row_json(r: overview.TaskRow) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "status": r.status,
+        "progress": r.progress,
+        "run_status": r.run_status,
+        "run_progress": r.run_progress,
+        "version": r.version,
+        "error": r.error,
+        "val_accuracy": r.val_accuracy,
+        "live": r.live,
+        "updated_at": r.updated_at.isoformat(),
+    }
+
+
+# --------------------------------------------------------------------------- static and login
+
+
+@router.get("/static/{name}")
+def static(name: str) -> Response:
+    media = _STATIC.get(name)
+    if media is None:
+        raise ApiError(404, f"no static file {name!r}")
+    body = resources.files("api.admin").joinpath("static", name).read_bytes()
+    return Response(body, media_type=media, headers={"Cache-Control": "max-age=300", "X-Content-Type-Options": "nosniff"})
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_form(request: Request, next: str | None = None) -> Response:
+    started = time.perf_counter()
+    if _admin(request) is not None:
+        return RedirectResponse(_safe_next(next), status_code=303, headers=_HEADERS)
+    disabled = not _state(request).settings.admin_token
+    return _render("login.html", started, next=_safe_next(next), error=None, disabled=disabled)
+
+
+@router.post("/login", response_class=HTMLResponse)
+def login(request: Request, token: str = Form(""), next: str = Form("/admin")) -> Response:
+    started = time.perf_counter()
+    configured = _state(request).settings.admin_token
+    if not auth.token_matches(configured, token.strip()):
+        log.warning("admin login refused from %s", request.client.host if request.client else "?")
+        return _render(
+            "login.html", started, status=401, next=_safe_next(next), disabled=not configured,
+            error="That is not the admin token." if configured else "The admin dashboard is disabled: no admin token is configured.",
+        )
+    resp = RedirectResponse(_safe_next(next), status_code=303, headers=_HEADERS)
+    resp.set_cookie(
+        auth.COOKIE,
+        auth.new_session(configured or ""),
+        max_age=auth.SESSION_TTL_S,
+        path=auth.COOKIE_PATH,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+    log.info("admin logged in")
+    return resp
+
+
+@router.post("/logout")
+def logout(request: Request, csrf: str = Form("")) -> Response:
+    _require_form(request, csrf)
+    resp = RedirectResponse("/admin/login", status_code=303, headers=_HEADERS)
+    resp.delete_cookie(auth.COOKIE, path=auth.COOKIE_PATH, httponly=True, samesite="strict")
+    return resp
+
+
+# --------------------------------------------------------------------------- overview
+
+
+def _overview_data(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    app_state = request.app.state
+    with session_scope(state.sessionmaker) as s:
+        by_status = repo.task_status_counts(s)
+        runs = overview.active_run_count(s)
+        tenants = overview.tenant_count(s)
+        per_method = overview.tasks_per_method(s)
+        tenant_requests = overview.total_tenant_requests(s)
+        failed, _ = overview.list_task_rows(s, status="failed", sort="updated", limit=5)
+        recent, _ = overview.list_task_rows(s, sort="updated", limit=8)
+    probe = getattr(app_state, "admin_probe", None)
+    if probe is None and getattr(state.dispatcher, "kind", "") == "celery" and state.settings.broker_url:
+        from worker.celery_app import QUEUE
+
+        probe = panels.BrokerProbe(state.settings.broker_url, getattr(state.dispatcher, "app", None), QUEUE)
+        app_state.admin_probe = probe
+    meter = getattr(app_state, "admin_rate", None)
+    if meter is None:
+        meter = app_state.admin_rate = panels.RateMeter()
+    served = panels.served_requests(state)
+    return {
+        "tenants": tenants,
+        "tasks": {st: int(by_status.get(st, 0)) for st in TASK_STATUSES},
+        "tasks_total": sum(by_status.values()),
+        "methods": dict(sorted(per_method.items())),
+        "jobs": panels.jobs_info(state, runs, probe),
+        "backbone": panels.backbone_info(state),
+        "cache": panels.cache_info(state.inference),
+        "requests": {"served": int(served), "rate": meter.rate(served), "tenant_requests": tenant_requests},
+        "failed": failed,
+        "recent": recent,
+    }
+
+
+@router.get("", response_class=HTMLResponse)
+def overview_page(request: Request) -> Response:
+    started = time.perf_counter()
+    admin = _admin(request)
+    if admin is None:
+        return _to_login(request)
+    return _render("overview.html", started, admin=admin, nav="overview", o=_overview_data(request))
+
+
+@router.get("/api/overview")
+def overview_json(request: Request) -> JSONResponse:
+    started = time.perf_counter()
+    _require_api(request)
+    data = _overview_data(request)
+    data["failed"] = [_row_json(r) for r in data["failed"]]
+    data["recent"] = [_row_json(r) for r in data["recent"]]
+    return _json(data, started)
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def _check_choice(name: str, value: str | None, allowed: Any) -> str | None:
+    if value in (None, ""):
+        return None
+    if value not in allowed:
+        raise ApiError(422, f"{name}={value!r} is not one of: {', '.join(allowed)}")
+    return value
+
+
+@router.get("/tasks", response_class=HTMLResponse)
+def tasks_page(
+    request: Request,
+    tenant: str | None = None,
+    status: str | None = None,
+    method: str | None = None,
+    sort: str = "created",
+    order: str = "desc",
+    page: int = Query(1, ge=1, le=100_000),
+    done: str | None = None,
+) -> Response:
+    started = time.perf_counter()
+    admin = _admin(request)
+    if admin is None:
+        return _to_login(request)
+    status = _check_choice("status", status, TASK_STATUSES)
+    sort = _check_choice("sort", sort, list(overview.TASK_SORTS)) or "created"
+    order = _check_choice("order", order, ("asc", "desc")) or "desc"
+    with session_scope(_state(request).sessionmaker) as s:
+        rows, total = overview.list_task_rows(
+            s, tenant_id=tenant or None, status=status, method=method or None, sort=sort,
+            descending=order == "desc", limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE,
+        )
+        tenants = overview.tenant_names(s)
+        methods = overview.task_methods(s)
+    filters = {k: v for k, v in (("tenant", tenant), ("status", status), ("method", method)) if v}
+
+    def link(**changes: Any) -> str:
+        q = {**filters, "sort": sort, "order": order, "page": page, **changes}
+        return "/admin/tasks?" + urlencode({k: v for k, v in q.items() if v not in (None, "")})
+
+    def sort_link(key: str) -> str:
+        flip = "asc" if (sort == key and order == "desc") else "desc"
+        return link(sort=key, order=flip, page=1)
+
+    pages = max(1, -(-total // PAGE_SIZE))
+    return _render(
+        "tasks.html", started, admin=admin, nav="tasks", rows=rows, total=total, page=page, pages=pages,
+        tenants=tenants, methods=methods, statuses=TASK_STATUSES, filters=filters, sort=sort, order=order,
+        sort_link=sort_link, link=link, notice=_NOTICES.get(done or ""),
+    )
+
+
+@router.get("/api/tasks")
+def tasks_json(request: Request, ids: str = Query("", max_length=100 * 40)) -> JSONResponse:
+    """Live state of the listed tasks (comma-separated ids, at most 200)."""
+    started = time.perf_counter()
+    _require_api(request)
+    wanted = [i for i in ids.split(",") if i][:200]
+    with session_scope(_state(request).sessionmaker) as s:
+        rows = overview.task_rows_by_id(s, wanted)
+    return _json({"items": [_row_json(r) for r in rows], "count": len(rows)}, started)
+
+
+def _detail(request: Request, task_id: str) -> overview.TaskDetail:
+    with session_scope(_state(request).sessionmaker) as s:
+        d = overview.task_detail(s, task_id)
+    if d is None:
+        raise ApiError(404, f"task {task_id} not found")
+    logcontext.set_ids(tenant_id=d.task.tenant_id, task_id=d.task.id)
+    return d
+
+
+@router.get("/tasks/{task_id}", response_class=HTMLResponse)
+def task_page(request: Request, task_id: str, done: str | None = None, problem: str | None = None) -> Response:
+    started = time.perf_counter()
+    admin = _admin(request)
+    if admin is None:
+        return _to_login(request)
+    d = _detail(request, task_id)
+    t = d.task
+    training = t.training or {}
+    run_status = training.get("status") if t.version is not None else t.status
+    if t.version is not None:  # the retrain run if there is one, else the published run (done)
+        run_progress = float(training.get("progress") or 0.0) if training else 1.0
+    else:
+        run_progress = float(t.progress or 0.0)
+    run_error = training.get("error") if t.version is not None else t.error
+    # A retrain in progress records its curve in training["history"] until it publishes.
+    live_history = training.get("history") if t.version is not None and run_status in ACTIVE_STATUSES else None
+    classes = [str(c) for c in (t.classes or [])]
+    return _render(
+        "task.html", started, admin=admin, nav="tasks", d=d, t=t, classes=classes,
+        run_status=run_status, run_progress=run_progress, run_error=run_error,
+        live=run_status in ACTIVE_STATUSES,
+        curve=charts.training_curve(live_history or t.history),
+        curve_is_retrain=bool(live_history),
+        cm=charts.confusion(t.confusion, classes),
+        notice=_NOTICES.get(done or ""), problem=problem,
+    )
+
+
+@router.get("/tasks/{task_id}/delete", response_class=HTMLResponse)
+def confirm_delete_page(request: Request, task_id: str) -> Response:
+    started = time.perf_counter()
+    admin = _admin(request)
+    if admin is None:
+        return _to_login(request)
+    d = _detail(request, task_id)
+    return _render("confirm_delete.html", started, admin=admin, nav="tasks", d=d, t=d.task)
+
+
+def _task_tenant(request: Request, task_id: str) -> str:
+    with session_scope(_state(request).sessionmaker) as s:
+        d = overview.task_detail(s, task_id)
+    if d is None:
+        raise ApiError(404, f"task {task_id} not found")
+    logcontext.set_ids(tenant_id=d.task.tenant_id, task_id=task_id)
+    return d.task.tenant_id
+
+
+def _back(task_id: str, **q: str) -> RedirectResponse:
+    return RedirectResponse(f"/admin/tasks/{quote(task_id)}?{urlencode(q)}", status_code=303, headers=_HEADERS)
+
+
+@router.post("/tasks/{task_id}/cancel")
+def cancel_task(request: Request, task_id: str, csrf: str = Form("")) -> Response:
+    _require_form(request, csrf)
+    tenant_id = _task_tenant(request, task_id)
+    with session_scope(_state(request).sessionmaker) as s:
+        before = repo.get_task(s, task_id, tenant_id=tenant_id)
+        active = before is not None and before.run_status in ACTIVE_STATUSES
+        if repo.request_cancel(s, task_id, tenant_id=tenant_id) is None:
+            raise ApiError(404, f"task {task_id} not found")
+    log.info("admin cancelled task %s", task_id)
+    return _back(task_id, done="cancelled" if active else "idle")
+
+
+@router.post("/tasks/{task_id}/retry")
+def retry_task(request: Request, task_id: str, csrf: str = Form("")) -> Response:
+    from api.routes.tasks import enqueue
+
+    _require_form(request, csrf)
+    state = _state(request)
+    tenant_id = _task_tenant(request, task_id)
+    with session_scope(state.sessionmaker) as s:
+        try:
+            task = repo.request_retrain(s, task_id, tenant_id=tenant_id)
+        except repo.TaskStateError as exc:
+            return _back(task_id, problem=str(exc))
+        if task is None:
+            raise ApiError(404, f"task {task_id} not found")
+        s.commit()
+        try:
+            enqueue(state, s, task.id, task.attempt, tenant_id)
+        except ApiError as exc:
+            return _back(task_id, problem=exc.detail)
+    log.info("admin queued a new run of task %s", task_id)
+    return _back(task_id, done="retried")
+
+
+@router.post("/tasks/{task_id}/delete")
+def delete_task(request: Request, task_id: str, csrf: str = Form(""), confirm: str = Form("")) -> Response:
+    _require_form(request, csrf)
+    state = _state(request)
+    tenant_id = _task_tenant(request, task_id)
+    if confirm != task_id:
+        raise ApiError(422, "confirm must repeat the task id: delete from the confirmation page")
+    with session_scope(state.sessionmaker) as s:
+        delete_task_and_objects(state, s, task_id, tenant_id=tenant_id)
+    log.info("admin deleted task %s", task_id)
+    return RedirectResponse("/admin/tasks?" + urlencode({"done": "deleted"}), status_code=303, headers=_HEADERS)
+
+
+# --------------------------------------------------------------------------- tenants
+
+
+def _tenants_page(request: Request, admin: auth.Admin, started: float, **extra: Any) -> HTMLResponse:
+    with session_scope(_state(request).sessionmaker) as s:
+        tenants = repo.list_tenants(s)
+    return _render("tenants.html", started, admin=admin, nav="tenants", tenants=tenants, **extra)
+
+
+@router.get("/tenants", response_class=HTMLResponse)
+def tenants_page(request: Request) -> Response:
+    started = time.perf_counter()
+    admin = _admin(request)
+    if admin is None:
+        return _to_login(request)
+    return _tenants_page(request, admin, started, created=None, problem=None)
+
+
+@router.post("/tenants", response_class=HTMLResponse)
+def create_tenant(request: Request, name: str = Form(""), csrf: str = Form("")) -> Response:
+    """Creates the tenant and shows its API key on this one response (never again)."""
+    started = time.perf_counter()
+    admin = _require_form(request, csrf)
+    name = name.strip()
+    if not name or len(name) > 200:
+        return _tenants_page(request, admin, started, created=None, problem="A tenant name is 1 to 200 characters.")
+    try:
+        with session_scope(_state(request).sessionmaker) as s:
+            tenant, key = repo.create_tenant(s, name)
+            created = {"id": tenant.id, "name": tenant.name, "api_key": key}
+    except repo.StoreError as exc:
+        return _tenants_page(request, admin, started, created=None, problem=str(exc))
+    logcontext.set_ids(tenant_id=created["id"])
+    log.info("admin created tenant %s", created["id"])
+    return _tenants_page(request, admin, started, created=created, problem=None)
+
