@@ -1,16 +1,22 @@
-"""Classify (tenant): images in, softmax predictions over the task's classes out."""
+"""Classify (tenant): images in, softmax predictions over the task's classes out.
+
+The handler reads the served version from the database, decodes the images off the event
+loop and hands them to the cross-tenant engine (``api.engine``), which batches them with
+other tenants' requests. A full engine queue is a 503 with Retry-After."""
 
 from __future__ import annotations
 
 import logging
+import time
 
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from api.deps import CurrentTenant, current_tenant, get_state
 from api.errors import ApiError
 from api.images import decode_images, read_image_payloads
-from api.inference import PromptUnavailable, ServingRef
+from api.engine import PromptUnavailable, QueueFull, ServingRef, StaleVersion
 from api.schemas import ClassifyResponse, ErrorOut
 from api.state import BackboneNotReady, ServiceState
 from store import repo
@@ -53,13 +59,13 @@ def _serving_ref(state: ServiceState, task_id: str, tenant: CurrentTenant) -> Se
         if pv is None:
             why = f"; it failed: {task.error}" if task.status == "failed" and task.error else ""
             raise ApiError(409, f"task {task_id} is {task.status}, not ready: it has no prompt to serve yet{why}")
-        repo.count_request(s, tenant_id=tenant.id)
         return ServingRef(
             task_id=task.id,
             version=pv.version,
             object_key=pv.object_key,
             fingerprint=pv.fingerprint,
             classes=tuple(task.classes or ()),
+            method=task.method,
         )
 
 
@@ -83,16 +89,38 @@ async def classify(
     with the task's served prompt. Scores are softmax probabilities over the task's classes,
     best first. 409 while the task has no ready version."""
     settings = state.settings
+    started = time.perf_counter()
     ref = await run_in_threadpool(_serving_ref, state, task_id, tenant)
-    payloads = await read_image_payloads(request, settings.max_classify_images)
-    images = await run_in_threadpool(decode_images, payloads, settings.max_image_pixels)
+    if state.requests is not None:
+        state.requests.add(tenant.id)
     try:
-        predictions = await state.inference.classify(ref, images, top_k)
+        payloads = await read_image_payloads(request, settings.max_classify_images)
+    except ClientDisconnect:  # nobody to answer; not a fault of the service
+        raise ApiError(400, "the client disconnected before sending the whole request") from None
+    images = await run_in_threadpool(decode_images, payloads, settings.max_image_pixels)
+    engine = state.inference
+    outcome = "error"
+    try:
+        for attempt in range(3):
+            try:
+                predictions = await engine.classify(ref, images, top_k)
+                break
+            except StaleVersion:
+                if attempt == 2:
+                    raise ApiError(503, "the task's prompt changed while answering; retry", {"Retry-After": "1"}) from None
+                # A newer version was published meanwhile: answer with it (or 404 if deleted).
+                ref = await run_in_threadpool(_serving_ref, state, task_id, tenant)
+        outcome = "ok"
+    except QueueFull as exc:
+        outcome = "rejected"
+        raise ApiError(503, f"{exc}; retry in {exc.retry_after}s", {"Retry-After": str(exc.retry_after)}) from None
     except BackboneNotReady as exc:
         raise ApiError(503, f"{exc}; retry shortly", {"Retry-After": "5"}) from None
     except PromptUnavailable as exc:
+        outcome = "unavailable"
         raise ApiError(409, str(exc)) from None
     finally:
         for img in images:
             img.close()
+        engine.observe(ref.method, outcome, time.perf_counter() - started if outcome == "ok" else None)
     return ClassifyResponse(task_id=ref.task_id, version=ref.version, predictions=predictions)

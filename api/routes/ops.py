@@ -48,7 +48,7 @@ def _check_objects(state: ServiceState) -> str | None:
 def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
     """200 when the database, the object store and the backbone are usable; else 503 whose
     ``detail`` names the failing parts. Shows the backbone's id and whether its weights are
-    real or random."""
+    real or random, and the inference engine's queue and prompt cache."""
     checks: dict[str, Any] = {}
     failures: list[str] = []
     for part, check in (("database", _check_database), ("object_store", _check_objects)):
@@ -69,6 +69,7 @@ def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
         "checks": checks,
         "backbone": backbone,
         "jobs": getattr(state.dispatcher, "kind", "unknown"),
+        "engine": state.inference.stats(),
     }
     if failures:
         body["detail"] = "not ready: " + "; ".join(failures)
