@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import ApiError
 from api.state import ServiceState
-from store import repo
+from store import logcontext, repo
 from store.db import session_scope
 from store.settings import Settings, get_settings
 
@@ -28,7 +28,10 @@ def get_state(request: Request) -> ServiceState:
 
 def get_session(state: ServiceState = Depends(get_state)) -> Iterator[Session]:
     """One session (and transaction) per request; committed when the handler returns
-    normally. Handlers that enqueue work commit explicitly first."""
+    normally. Declare it with ``Depends(get_session, scope="function")`` so that the commit
+    happens before the response is sent (the default scope closes it afterwards, and a
+    client could act on a 201 before its row is visible). Handlers that enqueue work
+    commit explicitly first."""
     with session_scope(state.sessionmaker) as s:
         yield s
 
@@ -40,6 +43,7 @@ class CurrentTenant:
 
 
 def current_tenant(
+    request: Request,
     creds: HTTPAuthorizationCredentials | None = Depends(_bearer),
     state: ServiceState = Depends(get_state),
 ) -> CurrentTenant:
@@ -51,6 +55,7 @@ def current_tenant(
         tenant = repo.tenant_by_api_key(s, creds.credentials)
         if tenant is None:
             raise ApiError(401, "invalid API key: it is unknown or has been revoked", _AUTH_HEADERS)
+        logcontext.set_ids(tenant_id=tenant.id, task_id=request.path_params.get("task_id"))
         return CurrentTenant(id=tenant.id, name=tenant.name)
 
 

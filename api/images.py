@@ -74,10 +74,11 @@ def _b64(i: int, item: Any) -> bytes:
     if not isinstance(item, str):
         raise ApiError(422, f"images[{i}] must be a base64 string")
     text = _WS.sub("", _DATA_URL.sub("", item.strip(), count=1))
+    padded = text + "=" * (-len(text) % 4)  # padding is optional
     try:
-        if _URLSAFE.fullmatch(text) and ("-" in text or "_" in text or len(text) % 4):
-            return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        return base64.b64decode(text, validate=True)
+        if _URLSAFE.fullmatch(text) and ("-" in text or "_" in text):
+            return base64.urlsafe_b64decode(padded)
+        return base64.b64decode(padded, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(422, f"images[{i}] is not valid base64") from None
 

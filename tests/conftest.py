@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -187,21 +186,7 @@ class S3Server:
         return Minio(self.endpoint.split("://", 1)[1], self.access_key, self.secret_key, secure=False)
 
 
-def _stop_process_group(proc: subprocess.Popen[bytes], timeout: float = 3.0) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
+from procs import stop_process_group as _stop_process_group  # noqa: E402 - tests/procs.py
 
 
 @pytest.fixture(scope="session")

@@ -30,13 +30,24 @@ def image_bytes(label: int = 0, *, seed: int = 0, size: int = 32, fmt: str = "PN
     return buf.getvalue()
 
 
-def make_zip(entries: dict[str, bytes | None]) -> bytes:
-    """name -> bytes, or None for a folder entry."""
+def make_zip(
+    entries: dict[str, bytes | None],
+    *,
+    compression: int = zipfile.ZIP_DEFLATED,
+    unix_modes: dict[str, int] | None = None,
+) -> bytes:
+    """name -> bytes, or None for a folder entry. ``unix_modes`` gives entries a Unix file
+    mode (``stat.S_IFLNK | 0o777`` makes a symlink whose target is the entry's bytes)."""
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    with zipfile.ZipFile(buf, "w", compression=compression) as zf:
         for name, data in entries.items():
             if data is None:
                 zf.writestr(zipfile.ZipInfo(name.rstrip("/") + "/"), b"")
+            elif unix_modes and name in unix_modes:
+                info = zipfile.ZipInfo(name)
+                info.create_system = 3
+                info.external_attr = unix_modes[name] << 16
+                zf.writestr(info, data)
             else:
                 zf.writestr(name, data)
     return buf.getvalue()

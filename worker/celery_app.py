@@ -11,14 +11,20 @@ from celery import Celery
 
 from store.settings import Settings
 
-#: Redis re-delivers an unacknowledged message after this long; tuning runs must finish
-#: well within it (a duplicate delivery is harmless anyway: the job is idempotent).
+#: Redis re-delivers an unacknowledged message after this long (default of
+#: ``PROMPTSTORE_BROKER_VISIBILITY_TIMEOUT``); tuning runs must finish well within it (a
+#: duplicate delivery is harmless anyway: the job is idempotent). This is also how a job
+#: whose worker was killed (SIGKILL, lost node) reaches another worker.
 VISIBILITY_TIMEOUT_S = 12 * 3600
 
 QUEUE = "promptstore"
 
 
-def make_celery(broker_url: str | None) -> Celery:
+def make_celery(broker_url: str | None, visibility_timeout_s: float = VISIBILITY_TIMEOUT_S) -> Celery:
+    # Idle workers sweep the unacknowledged messages for expired ones every
+    # `unacked_restore_interval` seconds (throttle 1: every sweep scans): about ten times
+    # per visibility timeout, at least every second, at most once a minute.
+    restore_interval = max(1, min(60, int(visibility_timeout_s // 10)))
     app = Celery("promptstore", broker=broker_url, include=["worker.tasks"])
     app.conf.update(
         task_acks_late=True,
@@ -30,12 +36,17 @@ def make_celery(broker_url: str | None) -> Celery:
         accept_content=["json"],
         task_default_queue=QUEUE,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        broker_transport_options={
+            "visibility_timeout": visibility_timeout_s,
+            "unacked_restore_interval": restore_interval,
+            "unacked_restore_throttle": 1,
+        },
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )
     return app
 
 
-celery_app = make_celery(Settings().broker_url)
+_settings = Settings()
+celery_app = make_celery(_settings.broker_url, _settings.broker_visibility_timeout)
 app = celery_app  # what `celery -A worker.celery_app` looks for

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
@@ -47,18 +48,21 @@ class CeleryDispatcher:
 
         if not settings.broker_url:
             raise ValueError("CeleryDispatcher needs PROMPTSTORE_BROKER_URL")
-        self.app = make_celery(settings.broker_url)
+        self.app = make_celery(settings.broker_url, settings.broker_visibility_timeout)
 
     def start(self) -> None:
         pass
 
     def submit(self, task_id: str, attempt: int) -> None:
-        self.app.send_task(TUNE_TASK_NAME, args=[task_id, int(attempt)])
+        # A connection of our own per submit: Celery's `app.pool` is kombu's process-wide
+        # pool for this broker URL, shared with every other app in the process, so closing
+        # it at shutdown would break them ("Acquire on closed pool"). Task creation is rare
+        # enough that a connect per message costs nothing that matters.
+        with self.app.connection_for_write() as conn:
+            self.app.send_task(TUNE_TASK_NAME, args=[task_id, int(attempt)], connection=conn)
 
     def shutdown(self) -> None:
-        pool = getattr(self.app, "pool", None)
-        if pool is not None:
-            pool.force_close_all()
+        self.app.close()
 
 
 class ThreadDispatcher:
@@ -75,6 +79,8 @@ class ThreadDispatcher:
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, int], Future[None]] = {}
         self._executor: ThreadPoolExecutor | None = None
+        #: Called with (task_id, version) after a job of this pool publishes a version.
+        self.on_published: Callable[[str, int], None] | None = None
 
     def start(self) -> None:
         """Start the pool and resubmit runs left queued or running by a previous process."""
@@ -114,7 +120,9 @@ class ThreadDispatcher:
             if self._stop.is_set():
                 return
             try:
-                run_tune_job(task_id, attempt, settings=self.settings, stop_event=self._stop)
+                run_tune_job(
+                    task_id, attempt, settings=self.settings, stop_event=self._stop, on_published=self.on_published
+                )
                 return
             except JobInterrupted:
                 log.info("task %s attempt %s: interrupted by shutdown; resumes at next start", task_id, attempt)

@@ -26,13 +26,15 @@ import math
 import threading
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import redis.exceptions
 import sqlalchemy.exc
 import urllib3.exceptions
 
-from store import repo
+from store import logcontext, repo
+from store.announce import announce_version
 from store.archive import ArchiveLimits, DatasetError, iter_archive_images
 from store.db import session_scope
 from store.objects import InvalidKey, ObjectNotFound, ObjectStoreError
@@ -106,15 +108,19 @@ def run_tune_job(
     *,
     settings: "Settings",
     stop_event: threading.Event | None = None,
+    on_published: Callable[[str, int], None] | None = None,
 ) -> str:
     """Run tuning attempt ``attempt`` of task ``task_id``; returns what happened
     (``"published"``, ``"skipped"``, ``"cancelled"``, ``"failed"``).
 
-    Raises ``TransientJobError`` for errors worth a retry, ``JobInterrupted`` when
+    ``on_published(task_id, version)`` is called after a version is published (the
+    in-process runner tells its own inference engine). Raises ``TransientJobError`` for
+    errors worth a retry, ``JobInterrupted`` when
     ``stop_event`` is set (process shutting down).
     """
     try:
-        return _run(task_id, attempt, settings, stop_event)
+        with logcontext.bind(task_id=task_id):  # every log line of the job carries its ids
+            return _run(task_id, attempt, settings, stop_event, on_published)
     except (TransientJobError, JobInterrupted):
         raise
     except Exception as exc:
@@ -124,13 +130,20 @@ def run_tune_job(
         raise
 
 
-def _run(task_id: str, attempt: int, settings: "Settings", stop_event: threading.Event | None) -> str:
+def _run(
+    task_id: str,
+    attempt: int,
+    settings: "Settings",
+    stop_event: threading.Event | None,
+    on_published: Callable[[str, int], None] | None = None,
+) -> str:
     sm = runtime.get_sessionmaker(settings.database_url)
     with session_scope(sm) as s:
         task = repo.claim_run(s, task_id, attempt)
         if task is None:
             log.info("task %s attempt %s: nothing to do (finished, stale or deleted)", task_id, attempt)
             return "skipped"
+        logcontext.set_ids(tenant_id=task.tenant_id)
         dataset_key = None
         if task.dataset_id is not None:
             ds = repo.get_dataset(s, task.dataset_id, tenant_id=task.tenant_id)
@@ -146,7 +159,7 @@ def _run(task_id: str, attempt: int, settings: "Settings", stop_event: threading
     log.info("task %s attempt %s: tuning %s", task_id, attempt, run.method)
 
     try:
-        return _tune_and_publish(task_id, attempt, run, settings, sm, stop_event)
+        return _tune_and_publish(task_id, attempt, run, settings, sm, stop_event, on_published)
     except (TransientJobError, JobInterrupted):
         raise
     except Exception as exc:
@@ -189,6 +202,7 @@ def _tune_and_publish(
     settings: "Settings",
     sm: Any,
     stop_event: threading.Event | None,
+    on_published: Callable[[str, int], None] | None = None,
 ) -> str:
     import torch
 
@@ -260,6 +274,10 @@ def _tune_and_publish(
         log.info("task %s attempt %s: run no longer current; nothing published", task_id, attempt)
         return "skipped"
     log.info("task %s attempt %s: published version %s (%d bytes)", task_id, attempt, pv.version, pv.size)
+    if settings.redis_url:  # API replicas drop the old version from their caches at once
+        announce_version(settings.redis_url, task_id, pv.version)
+    if on_published is not None:
+        on_published(task_id, pv.version)
     return "published"
 
 

@@ -118,6 +118,22 @@ def enqueue(state: ServiceState, s: Session, task_id: str, attempt: int, tenant_
         raise ApiError(503, "the job queue is unavailable; the task was created but not queued, retrain it later") from None
 
 
+def delete_task_and_objects(state: ServiceState, s: Session, task_id: str, *, tenant_id: str) -> None:
+    """Delete the task's rows (committed), drop it from the inference cache, then delete its
+    objects (prompt versions, and its dataset unless another task uses it). 404 when the task
+    is not this tenant's. Shared by the tenant route and the admin dashboard."""
+    keys = repo.delete_task(s, task_id, tenant_id=tenant_id)
+    if keys is None:
+        raise ApiError(404, f"task {task_id} not found")
+    s.commit()
+    state.inference.evict(task_id)
+    for key in keys:
+        try:
+            state.objects.delete(key)
+        except Exception as exc:  # the rows are gone; an orphan object is only storage
+            log.error("task %s deleted but object %s could not be removed: %s", task_id, key, exc)
+
+
 def get_own_task(s: Session, task_id: str, tenant: CurrentTenant) -> Any:
     task = repo.get_task(s, task_id, tenant_id=tenant.id)
     if task is None:
@@ -137,7 +153,7 @@ def create_task(
     config: str | None = Form(None, description="JSON object of method hyperparameters."),
     tenant: CurrentTenant = Depends(current_tenant),
     state: ServiceState = Depends(get_state),
-    s: Session = Depends(get_session),
+    s: Session = Depends(get_session, scope="function"),
 ) -> TaskPublic:
     """Create a task from a labelled dataset (or class names for zeroshot) and queue its tuning."""
     method = method.strip()
@@ -158,13 +174,13 @@ def create_task(
 
 
 @router.get("", response_model=TaskList, responses={401: _ERRORS[401]})
-def list_tasks(tenant: CurrentTenant = Depends(current_tenant), s: Session = Depends(get_session)) -> TaskList:
+def list_tasks(tenant: CurrentTenant = Depends(current_tenant), s: Session = Depends(get_session, scope="function")) -> TaskList:
     items = [task_public(t) for t in repo.list_tasks(s, tenant_id=tenant.id)]
     return TaskList(items=items, count=len(items))
 
 
 @router.get("/{task_id}", response_model=TaskPublic, responses=_ERRORS)
-def get_task(task_id: str, tenant: CurrentTenant = Depends(current_tenant), s: Session = Depends(get_session)) -> TaskPublic:
+def get_task(task_id: str, tenant: CurrentTenant = Depends(current_tenant), s: Session = Depends(get_session, scope="function")) -> TaskPublic:
     return task_public(get_own_task(s, task_id, tenant))
 
 
@@ -175,7 +191,7 @@ def retrain_task(
     config: str | None = Form(None, description="A new config JSON object; omitted: keep the current one."),
     tenant: CurrentTenant = Depends(current_tenant),
     state: ServiceState = Depends(get_state),
-    s: Session = Depends(get_session),
+    s: Session = Depends(get_session, scope="function"),
 ) -> TaskPublic:
     """Start a new tuning run; it becomes the next prompt version. A task that serves a
     version keeps serving it meanwhile. Also the way to retry a failed task."""
@@ -198,12 +214,13 @@ def retrain_task(
 
 
 @router.post("/{task_id}/cancel", status_code=202, response_model=TaskPublic, responses=_ERRORS)
-def cancel_task(task_id: str, tenant: CurrentTenant = Depends(current_tenant), s: Session = Depends(get_session)) -> TaskPublic:
+def cancel_task(task_id: str, tenant: CurrentTenant = Depends(current_tenant), s: Session = Depends(get_session, scope="function")) -> TaskPublic:
     """Cancel the task's current run: a queued run at once, a running one at its next step.
     A task with no run in progress is returned unchanged."""
     task = repo.request_cancel(s, task_id, tenant_id=tenant.id)
     if task is None:
         raise ApiError(404, f"task {task_id} not found")
+    s.commit()  # before the answer (get_session commits only after the response is sent)
     return task_public(task)
 
 
@@ -212,19 +229,10 @@ def delete_task(
     task_id: str,
     tenant: CurrentTenant = Depends(current_tenant),
     state: ServiceState = Depends(get_state),
-    s: Session = Depends(get_session),
+    s: Session = Depends(get_session, scope="function"),
 ) -> Response:
     """Delete the task, its prompt objects and its dataset (unless another task uses it)."""
-    keys = repo.delete_task(s, task_id, tenant_id=tenant.id)
-    if keys is None:
-        raise ApiError(404, f"task {task_id} not found")
-    s.commit()
-    state.inference.evict(task_id)
-    for key in keys:
-        try:
-            state.objects.delete(key)
-        except Exception as exc:  # the rows are gone; an orphan object is only storage
-            log.error("task %s deleted but object %s could not be removed: %s", task_id, key, exc)
+    delete_task_and_objects(state, s, task_id, tenant_id=tenant.id)
     return Response(status_code=204)
 
 
@@ -237,7 +245,7 @@ def download_prompt(
     task_id: str,
     tenant: CurrentTenant = Depends(current_tenant),
     state: ServiceState = Depends(get_state),
-    s: Session = Depends(get_session),
+    s: Session = Depends(get_session, scope="function"),
 ) -> Response:
     """The served prompt as safetensors; its header metadata holds method, backbone, classes,
     config and version."""

@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 import pytest
-from conftest import ADMIN
+from apiclient import ADMIN
 from psdata import b64, dataset_zip, image_bytes
 
 UNKNOWN_ID = "0" * 32

@@ -95,11 +95,7 @@ def test_method_end_to_end(method: str, backend: str, settings_factory: Any, mak
 
     # Classify: multipart, then the same images as base64 JSON.
     imgs = [image_bytes(0, seed=100), image_bytes(2, seed=101, fmt="JPEG")]
-    r = api.client.post(
-        f"/v1/tasks/{task['id']}/classify?top_k=2",
-        files=[("images", ("a.png", imgs[0], "image/png")), ("images", ("b.jpg", imgs[1], "image/jpeg"))],
-        headers=tenant,
-    )
+    r = api.classify_files(tenant, task["id"], imgs, top_k=2)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["task_id"] == task["id"] and body["version"] == 1

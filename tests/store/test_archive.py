@@ -14,6 +14,7 @@ import zlib
 
 import pytest
 from PIL import Image
+from psdata import make_zip
 
 from store.archive import (
     ArchiveLimits,
@@ -34,18 +35,6 @@ def img_bytes(fmt: str = "PNG", size: tuple[int, int] = (8, 8), color=(200, 30, 
         px[x, (x * 7 + seed) % size[1]] = ((x * 37 + seed) % 256, (x * 11) % 256, 90)
     buf = io.BytesIO()
     img.save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def make_zip(entries: dict[str, bytes | None], *, compression=zipfile.ZIP_DEFLATED) -> bytes:
-    """name -> bytes (a file) or None (a folder entry)."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=compression) as zf:
-        for name, data in entries.items():
-            if data is None:
-                zf.writestr(zipfile.ZipInfo(name.rstrip("/") + "/"), b"")
-            else:
-                zf.writestr(name, data)
     return buf.getvalue()
 
 
@@ -267,28 +256,14 @@ def test_rejects_absolute_entries(name):
 
 
 def test_rejects_symlink_entries():
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for n, d in good_entries().items():
-            zf.writestr(n, d)
-        link = zipfile.ZipInfo("cat/link.png")
-        link.create_system = 3
-        link.external_attr = (stat.S_IFLNK | 0o777) << 16
-        zf.writestr(link, "/etc/passwd")
-    err = reject(buf.getvalue())
+    data = make_zip({**good_entries(), "cat/link.png": b"/etc/passwd"}, unix_modes={"cat/link.png": stat.S_IFLNK | 0o777})
+    err = reject(data)
     assert "cat/link.png" in str(err) and "link" in str(err)
 
 
 def test_rejects_device_entries():
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for n, d in good_entries().items():
-            zf.writestr(n, d)
-        dev = zipfile.ZipInfo("cat/dev")
-        dev.create_system = 3
-        dev.external_attr = (stat.S_IFCHR | 0o666) << 16
-        zf.writestr(dev, b"")
-    assert "special file" in str(reject(buf.getvalue()))
+    data = make_zip({**good_entries(), "cat/dev": b""}, unix_modes={"cat/dev": stat.S_IFCHR | 0o666})
+    assert "special file" in str(reject(data))
 
 
 def test_rejects_undecodable_image_naming_the_file():
