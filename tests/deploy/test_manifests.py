@@ -208,6 +208,55 @@ def test_dockerfile():
     assert not re.search(r"torch==\d", text), "torch pinned in the Dockerfile as well as pyproject.toml"
 
 
+def test_image_install_ships_every_package_file(tmp_path):
+    """The image runs a non-editable `pip install .` of what the Dockerfile copies: every
+    file of the packages (model configs, templates, migrations, ...) must be in that install,
+    not only in the source tree the tests run from."""
+    import tomllib
+    import zipfile
+
+    text = (DEPLOY / "Dockerfile").read_text()
+    copied = re.findall(r"^COPY (\S+) \./", text, re.M)
+    allowed = {line[1:].rstrip("/") for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+               if line.startswith("!")}
+    assert set(copied) <= allowed, f"copied but excluded from the build context: {set(copied) - allowed}"
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = sorted(name.rstrip("*") for name in include)
+    assert sorted(c for c in copied if (REPO / c).is_dir()) == packages, (copied, packages)
+
+    ctx = tmp_path / "context"
+    for name in copied:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, ctx / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            ctx.mkdir(exist_ok=True)
+            shutil.copy2(src, ctx / name)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(ctx)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stdout + build.stderr
+    (wheel,) = tmp_path.glob("promptstore-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+
+    # The packages' files as git sees them (tracked or new, not ignored); outside a git
+    # checkout, every file under them.
+    git = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z", *packages],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    if git.returncode == 0:
+        listed = git.stdout.split("\0")
+    else:
+        listed = [str(f.relative_to(REPO)) for name in packages for f in (REPO / name).rglob("*")]
+    files = {f for f in listed if f and (REPO / f).is_file() and "__pycache__" not in f and not f.endswith(".pyc")}
+    assert any(f.endswith(".json") for f in files) and any(f.endswith(".ini") for f in files)
+    missing = sorted(files - shipped)
+    assert not missing, f"left out of the installed package (add them to package-data in pyproject.toml): {missing}"
+
+
 # ---------------------------------------------------------------- Kubernetes
 
 
@@ -306,6 +355,27 @@ def test_k8s_settings_keys():
     # The template's admin token is a placeholder the service refuses to start with.
     with pytest.raises(ValueError, match="placeholder"):
         Settings(database_url=secret["PROMPTSTORE_DATABASE_URL"], admin_token=secret["PROMPTSTORE_ADMIN_TOKEN"])
+
+
+def _seconds(value: str | int) -> float:
+    """Seconds from a Kubernetes integer or a compose duration such as '120s', '2m', '1m30s'."""
+    if isinstance(value, int) or str(value).isdigit():
+        return float(value)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s)", str(value))
+    assert parts and "".join(n + u for n, u in parts) == str(value), f"not a duration: {value!r}"
+    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def test_visibility_timeout_outlasts_a_warm_shutdown(compose_config):
+    """A worker asked to stop finishes its job within its grace period; the broker must not
+    hand that job to another worker meanwhile (PROMPTSTORE_BROKER_VISIBILITY_TIMEOUT)."""
+    config = _k8s("ConfigMap", "promptstore-config")["data"]
+    grace = _k8s("Deployment", "promptstore-worker")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert _seconds(config["PROMPTSTORE_BROKER_VISIBILITY_TIMEOUT"]) > grace
+    worker = compose_config["services"]["worker"]
+    timeout = worker["environment"]["PROMPTSTORE_BROKER_VISIBILITY_TIMEOUT"]
+    assert _seconds(timeout) > _seconds(worker["stop_grace_period"])
 
 
 def test_k8s_ingress_hashes_classify_on_the_task():
