@@ -10,9 +10,9 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from api.errors import install_error_handlers
-from api.inference import Inference
+from api.engine import Engine
 from api.middleware import FORM_OVERHEAD_BYTES, BodyLimitMiddleware, HttpMetrics, MetricsMiddleware
-from api.state import BackboneHolder, ServiceState
+from api.state import BackboneHolder, RequestCounter, ServiceState
 from store.settings import Settings, get_settings
 from worker import runtime
 from worker.dispatch import CeleryDispatcher, ThreadDispatcher, make_dispatcher
@@ -43,20 +43,36 @@ def create_app(
     http_metrics = HttpMetrics(registry)
     backbone = BackboneHolder(settings.backbone, settings.device)
     objects = runtime.get_object_store(settings)
+    sm = runtime.get_sessionmaker(settings.database_url)
     state = ServiceState(
         settings=settings,
-        sessionmaker=runtime.get_sessionmaker(settings.database_url),
+        sessionmaker=sm,
         objects=objects,
         backbone=backbone,
-        inference=Inference(backbone, objects, settings.prompt_cache_bytes),
+        inference=Engine(
+            backbone,
+            objects,
+            cache_bytes=settings.prompt_cache_bytes,
+            max_batch=settings.max_batch,
+            max_wait_ms=settings.max_wait_ms,
+            queue_size=settings.queue_size,
+            redis_url=settings.redis_url,
+            registry=registry,
+        ),
         dispatcher=dispatcher or make_dispatcher(settings),
         registry=registry,
         http_metrics=http_metrics,
+        requests=RequestCounter(sm),
     )
+
+    if isinstance(state.dispatcher, ThreadDispatcher):
+        state.dispatcher.on_published = state.inference.published
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state.backbone.start()
+        state.inference.start()
+        state.requests.start()
         state.dispatcher.start()
         log.info("promptstore ready to serve (jobs: %s)", getattr(state.dispatcher, "kind", "?"))
         try:
@@ -64,6 +80,7 @@ def create_app(
         finally:
             state.dispatcher.shutdown()
             state.inference.close()
+            state.requests.close()
 
     app = FastAPI(
         title="Promptstore",
@@ -81,6 +98,9 @@ def create_app(
     app.include_router(tenants.router)
     app.include_router(tasks.router)
     app.include_router(classify.router)
+    from api.admin import router as admin_router
+
+    app.include_router(admin_router)
 
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES)
     app.add_middleware(MetricsMiddleware, metrics=http_metrics)

@@ -41,6 +41,17 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        # request/tenant/task ids bound by the API middleware, its dependencies and the jobs
+        from store import logcontext
+
+        out.update(logcontext.current())
+        for key in logcontext.FIELDS:  # logged with extra={"task_id": ...}
+            value = getattr(record, key, None)
+            if value:
+                out[key] = str(value)
+        http = getattr(record, "http", None)  # the access log's fields (api.middleware)
+        if isinstance(http, dict):
+            out["http"] = http
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out)
@@ -75,9 +86,17 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _migrate(database_url: str) -> None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError
+
     from store.migrate import upgrade
 
-    upgrade(database_url)
+    try:
+        upgrade(database_url)
+    except OperationalError as exc:
+        where = make_url(database_url).render_as_string(hide_password=True)
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        _fail(f"cannot migrate the database {where}: {reason}", 1)
 
 
 def ensure_admin_token(token: str | None, path: Path = ADMIN_TOKEN_FILE) -> tuple[str, bool]:
@@ -121,7 +140,8 @@ def serve(
 
     from api.app import create_app
 
-    uvicorn.run(create_app(settings), host=host, port=port, log_config=None, proxy_headers=True)
+    # access_log off: api.middleware logs each request itself, with its request/tenant/task ids
+    uvicorn.run(create_app(settings), host=host, port=port, log_config=None, proxy_headers=True, access_log=False)
 
 
 @app.command()
@@ -193,6 +213,54 @@ def bench_engine(ctx: typer.Context) -> None:
     from backbone.bench import run_engine_bench
 
     run_engine_bench(list(ctx.args))
+
+
+@bench_app.command("serve")
+def bench_serve(
+    backbone: str = typer.Option("open_clip:ViT-B-32:random", help="Backbone spec."),
+    device: str = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
+    tasks: int = typer.Option(100, min=1, help="Tasks per scenario (features-only and mixed)."),
+    tenants: int = typer.Option(10, min=1, help="Tenants the tasks are spread over."),
+    clients: int = typer.Option(32, min=1, help="Concurrent HTTP clients."),
+    seconds: float = typer.Option(8.0, min=0.1, help="Seconds per engine run."),
+    baseline_seconds: float = typer.Option(None, help="Seconds per baseline run (default: seconds / 2, at least 2)."),
+    images: int = typer.Option(1, min=1, help="Images per request."),
+    max_batch: int = typer.Option(None, help="Engine max_batch (default 16 on CPU, 256 on GPU)."),
+    max_wait_ms: float = typer.Option(5.0, min=0.0, help="Engine max_wait_ms."),
+    threads: int = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
+    out: str = typer.Option("bench-results/serve.json", help="JSON result path."),
+) -> None:
+    """The service under load (in-process, embedded defaults): served images/s and latency
+    against the bare tower, the one-task forward, one request one forward and a naive
+    reload-per-switch server. Prints a table and writes JSON."""
+    setup_logging("text", logging.WARNING)
+    from api.bench_serve import run_serve_bench
+
+    run_serve_bench(
+        out, backbone=backbone, device=device, tasks=tasks, tenants=tenants, clients=clients, seconds=seconds,
+        baseline_seconds=baseline_seconds, images_per_request=images, max_batch=max_batch, max_wait_ms=max_wait_ms,
+        threads=threads,
+    )
+
+
+@bench_app.command("dashboard")
+def bench_dashboard(
+    tasks: int = typer.Option(1000, min=1, help="Tasks in the index."),
+    tenants: int = typer.Option(20, min=1, help="Tenants the tasks are spread over."),
+    epochs: int = typer.Option(50, min=1, help="Epochs in each task's training history."),
+    classes: int = typer.Option(10, min=2, help="Classes per task (confusion matrix size)."),
+    repeat: int = typer.Option(20, min=1, help="Requests per page (after 2 warm-ups)."),
+    database_url: str = typer.Option(None, help="Database to fill (default: a fresh SQLite file); it must be empty."),
+    out: str = typer.Option("bench-results/dashboard.json", help="JSON result path."),
+) -> None:
+    """Server render time of each admin page with a full index (target: under 300 ms).
+    Prints a table and writes JSON."""
+    setup_logging("text", logging.WARNING)
+    from api.admin.bench import run_dashboard_bench
+
+    run_dashboard_bench(
+        out, tasks=tasks, tenants=tenants, epochs=epochs, classes=classes, repeat=repeat, database_url=database_url
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     )
     broker_url: str | None = Field(None, description="Celery broker (redis://...); unset: jobs run in-process.")
     redis_url: str | None = Field(None, description="Redis for rate limits / cache invalidation; optional.")
+    broker_visibility_timeout: float = Field(
+        12 * 3600,
+        gt=0,
+        description="Seconds after which the Redis broker re-delivers a tuning job whose worker has not "
+        "acknowledged it (a worker killed mid-job); must exceed the longest tuning run.",
+    )
     backbone: str = Field("auto", description="Backbone spec LIBRARY:ARCH:WEIGHTS or 'auto'.")
     device: str | None = Field(None, description="torch device; unset: cuda if available else cpu.")
     admin_token: str | None = Field(None, description="Admin bearer token; unset: generated at first start.")
@@ -48,9 +54,13 @@ class Settings(BaseSettings):
     max_uncompressed_bytes: int = Field(1 * GiB, gt=0, description="Largest total uncompressed dataset size.")
     max_classify_images: int = Field(64, gt=0, description="Most images in one classify request.")
     prompt_cache_bytes: int = Field(1 * GiB, ge=0, description="Device bytes of resident prompts kept cached.")
-    max_batch: int = Field(32, gt=0, description="Largest batch the inference engine forms.")
-    max_wait_ms: float = Field(5, ge=0, description="How long the engine waits to fill a batch.")
-    queue_size: int = Field(1024, gt=0, description="Inference queue length before 429.")
+    max_batch: int = Field(32, gt=0, description="Largest batch (images) the inference engine forms.")
+    max_wait_ms: float = Field(
+        5, ge=0, description="How long the engine waits, from a batch's oldest request, to fill it."
+    )
+    queue_size: int = Field(
+        1024, gt=0, description="Images the inference queue holds; a request past it gets 503 with Retry-After."
+    )
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
     job_threads: int = Field(1, gt=0, description="In-process tuning threads when no broker is configured.")
 
