@@ -89,7 +89,6 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.ps = state
-    app.dependency_overrides[get_settings] = lambda: settings
     install_error_handlers(app)
 
     from api.routes import classify, ops, tasks, tenants

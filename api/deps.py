@@ -14,7 +14,7 @@ from api.errors import ApiError
 from api.state import ServiceState
 from store import logcontext, repo
 from store.db import session_scope
-from store.settings import Settings, get_settings
+from store.settings import Settings
 
 __all__ = ["CurrentTenant", "current_tenant", "get_session", "get_settings", "get_state", "require_admin"]
 
@@ -24,6 +24,12 @@ _AUTH_HEADERS = {"WWW-Authenticate": "Bearer"}
 
 def get_state(request: Request) -> ServiceState:
     return request.app.state.ps
+
+
+def get_settings(state: ServiceState = Depends(get_state)) -> Settings:
+    """The settings the app was built with. Not a ``dependency_overrides`` entry: while any
+    override exists FastAPI re-analyses every dependency's signature on every request."""
+    return state.settings
 
 
 def get_session(state: ServiceState = Depends(get_state)) -> Iterator[Session]:

@@ -109,23 +109,31 @@ def revoke_api_key(s: Session, prefix: str, *, tenant_id: str) -> bool:
     return result.rowcount > 0
 
 
-def tenant_by_api_key(s: Session, key: str | None) -> Tenant | None:
+@dataclasses.dataclass(frozen=True)
+class KeyOwner:
+    """The tenant an API key belongs to (what authentication needs, nothing more)."""
+
+    id: str
+    name: str
+
+
+def tenant_by_api_key(s: Session, key: str | None) -> KeyOwner | None:
     """The tenant owning ``key`` (not revoked), else None. Looks the key up by its prefix and
     compares sha256 digests with ``hmac.compare_digest``; malformed and unknown keys cost a
-    comparison too."""
+    comparison too. Runs on every tenant request, so it reads three columns, not two rows."""
     match = _KEY_RE.match(key or "")
     given = hash_api_key(key or "")
     if match is None:
         hmac.compare_digest(given, _DUMMY_HASH)
         return None
     row = s.execute(
-        select(ApiKey, Tenant)
+        select(ApiKey.hash, Tenant.id, Tenant.name)
         .join(Tenant, Tenant.id == ApiKey.tenant_id)
         .where(ApiKey.prefix == match.group(1), ApiKey.revoked_at.is_(None))
     ).first()
-    stored = row[0].hash if row is not None else _DUMMY_HASH
+    stored = row[0] if row is not None else _DUMMY_HASH
     ok = hmac.compare_digest(given, stored)
-    return row[1] if (ok and row is not None) else None
+    return KeyOwner(id=row[1], name=row[2]) if (ok and row is not None) else None
 
 
 def get_tenant(s: Session, tenant_id: str) -> Tenant | None:
@@ -372,6 +380,38 @@ def get_served_version(s: Session, task_id: str, *, tenant_id: str) -> PromptVer
             PromptVersion.version == Task.version,
         )
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingInfo:
+    """What classify reads of a task: its state and the served version's object, if any."""
+
+    status: str
+    error: str | None
+    method: str
+    classes: list[Any]
+    version: int | None
+    object_key: str | None
+    fingerprint: str | None
+
+
+def serving_info(s: Session, task_id: str, *, tenant_id: str) -> ServingInfo | None:
+    """The tenant's task and its served version in one query of only the columns classify
+    needs (the hot path: no JSON history or confusion matrix is loaded). None: no such task."""
+    row = s.execute(
+        select(
+            Task.status, Task.error, Task.method, Task.classes,
+            PromptVersion.version, PromptVersion.object_key, PromptVersion.fingerprint,
+        )
+        .outerjoin(
+            PromptVersion,
+            (PromptVersion.task_id == Task.id)
+            & (PromptVersion.version == Task.version)
+            & (PromptVersion.tenant_id == tenant_id),
+        )
+        .where(Task.id == task_id, Task.tenant_id == tenant_id)
+    ).first()  # fmt: skip
+    return None if row is None else ServingInfo(*row)
 
 
 def list_versions(s: Session, task_id: str, *, tenant_id: str) -> list[PromptVersion]:

@@ -52,21 +52,20 @@ _BODY = {
 
 def _serving_ref(state: ServiceState, task_id: str, tenant: CurrentTenant) -> ServingRef:
     with session_scope(state.sessionmaker) as s:
-        task = repo.get_task(s, task_id, tenant_id=tenant.id)
-        if task is None:
-            raise ApiError(404, f"task {task_id} not found")
-        pv = repo.get_served_version(s, task_id, tenant_id=tenant.id) if task.status == READY else None
-        if pv is None:
-            why = f"; it failed: {task.error}" if task.status == "failed" and task.error else ""
-            raise ApiError(409, f"task {task_id} is {task.status}, not ready: it has no prompt to serve yet{why}")
-        return ServingRef(
-            task_id=task.id,
-            version=pv.version,
-            object_key=pv.object_key,
-            fingerprint=pv.fingerprint,
-            classes=tuple(task.classes or ()),
-            method=task.method,
-        )
+        info = repo.serving_info(s, task_id, tenant_id=tenant.id)
+    if info is None:
+        raise ApiError(404, f"task {task_id} not found")
+    if info.status != READY or info.version is None or info.object_key is None:
+        why = f"; it failed: {info.error}" if info.status == "failed" and info.error else ""
+        raise ApiError(409, f"task {task_id} is {info.status}, not ready: it has no prompt to serve yet{why}")
+    return ServingRef(
+        task_id=task_id,
+        version=info.version,
+        object_key=info.object_key,
+        fingerprint=str(info.fingerprint),
+        classes=tuple(info.classes or ()),
+        method=info.method,
+    )
 
 
 @router.post(
