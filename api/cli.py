@@ -222,8 +222,14 @@ def bench_serve(
     tasks: int = typer.Option(100, min=1, help="Tasks per scenario (features-only and mixed)."),
     tenants: int = typer.Option(10, min=1, help="Tenants the tasks are spread over."),
     clients: int = typer.Option(32, min=1, help="Concurrent HTTP clients."),
-    seconds: float = typer.Option(8.0, min=0.1, help="Seconds per engine run."),
-    baseline_seconds: float = typer.Option(None, help="Seconds per baseline run (default: seconds / 2, at least 2)."),
+    seconds: float = typer.Option(
+        30.0, min=0.1,
+        help="Seconds per engine run: long enough for many batches (a CPU batch takes about a second, and the "
+        "first batch's pipeline fill counts against a short window).",
+    ),
+    baseline_seconds: float = typer.Option(
+        None, help="Seconds per baseline run (default: seconds / 2, between 2 and 4)."
+    ),
     images: int = typer.Option(1, min=1, help="Images per request."),
     max_batch: int = typer.Option(None, help="Engine max_batch (default 16 on CPU, 256 on GPU)."),
     max_wait_ms: float = typer.Option(5.0, min=0.0, help="Engine max_wait_ms."),
