@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -16,7 +17,7 @@ from store import logcontext, repo
 from store.db import session_scope
 from store.settings import Settings
 
-__all__ = ["CurrentTenant", "current_tenant", "get_session", "get_settings", "get_state", "require_admin"]
+__all__ = ["CurrentTenant", "DbSession", "current_tenant", "get_session", "get_settings", "get_state", "require_admin"]
 
 _bearer = HTTPBearer(auto_error=False, description="Tenant API key or admin token.")
 _AUTH_HEADERS = {"WWW-Authenticate": "Bearer"}
@@ -34,12 +35,16 @@ def get_settings(state: ServiceState = Depends(get_state)) -> Settings:
 
 def get_session(state: ServiceState = Depends(get_state)) -> Iterator[Session]:
     """One session (and transaction) per request; committed when the handler returns
-    normally. Declare it with ``Depends(get_session, scope="function")`` so that the commit
-    happens before the response is sent (the default scope closes it afterwards, and a
-    client could act on a 201 before its row is visible). Handlers that enqueue work
-    commit explicitly first."""
+    normally. Use it through ``DbSession``. Handlers that enqueue work commit explicitly
+    first, so that a worker finds the row."""
     with session_scope(state.sessionmaker) as s:
         yield s
+
+
+#: The request's session, committed before the response is sent: the default scope of a
+#: yield dependency closes it afterwards, and a client could act on a 201 (use a new key on
+#: another replica, say) before its row is visible.
+DbSession = Annotated[Session, Depends(get_session, scope="function")]
 
 
 @dataclass(frozen=True)

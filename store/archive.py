@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import io
 import json
-import posixpath
 import stat
 import zipfile
 from collections.abc import Iterator

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -81,14 +81,3 @@ def get_object_store(settings: "Settings") -> ObjectStore:
             objects = open_object_store(settings)
             _object_stores[key] = objects
         return objects
-
-
-def reset_for_tests(**_: Any) -> None:
-    """Forget cached engines and stores (tests that drop databases between runs)."""
-    with _lock:
-        for sm in _sessionmakers.values():
-            bind = sm.kw.get("bind")
-            if bind is not None:
-                bind.dispose()
-        _sessionmakers.clear()
-        _object_stores.clear()

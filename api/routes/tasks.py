@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
 from sqlalchemy.orm import Session
 
-from api.deps import CurrentTenant, current_tenant, get_session, get_state
+from api.deps import CurrentTenant, DbSession, current_tenant, get_state
 from api.errors import ApiError
 from api.schemas import ErrorOut, TaskList, TaskPublic, task_public
 from api.state import ServiceState
@@ -146,6 +146,7 @@ def get_own_task(s: Session, task_id: str, tenant: CurrentTenant) -> Any:
 
 @router.post("", status_code=202, response_model=TaskPublic, responses={**_ERRORS, 413: {"model": ErrorOut}, 422: {"model": ErrorOut}})
 def create_task(
+    s: DbSession,
     name: str = Form(..., min_length=1, max_length=200, description="Task name."),
     method: str = Form(..., description="zeroshot, coop, cocoop, vpt-shallow, vpt-deep, padding or linear-probe."),
     dataset: UploadFile | None = File(None, description="Zip of class folders (required but for zeroshot)."),
@@ -153,7 +154,6 @@ def create_task(
     config: str | None = Form(None, description="JSON object of method hyperparameters."),
     tenant: CurrentTenant = Depends(current_tenant),
     state: ServiceState = Depends(get_state),
-    s: Session = Depends(get_session, scope="function"),
 ) -> TaskPublic:
     """Create a task from a labelled dataset (or class names for zeroshot) and queue its tuning."""
     method = method.strip()
@@ -174,24 +174,24 @@ def create_task(
 
 
 @router.get("", response_model=TaskList, responses={401: _ERRORS[401]})
-def list_tasks(tenant: CurrentTenant = Depends(current_tenant), s: Session = Depends(get_session, scope="function")) -> TaskList:
+def list_tasks(s: DbSession, tenant: CurrentTenant = Depends(current_tenant)) -> TaskList:
     items = [task_public(t) for t in repo.list_tasks(s, tenant_id=tenant.id)]
     return TaskList(items=items, count=len(items))
 
 
 @router.get("/{task_id}", response_model=TaskPublic, responses=_ERRORS)
-def get_task(task_id: str, tenant: CurrentTenant = Depends(current_tenant), s: Session = Depends(get_session, scope="function")) -> TaskPublic:
+def get_task(task_id: str, s: DbSession, tenant: CurrentTenant = Depends(current_tenant)) -> TaskPublic:
     return task_public(get_own_task(s, task_id, tenant))
 
 
 @router.post("/{task_id}/retrain", status_code=202, response_model=TaskPublic, responses={**_ERRORS, 409: {"model": ErrorOut}})
 def retrain_task(
+    s: DbSession,
     task_id: str,
     dataset: UploadFile | None = File(None, description="A new dataset zip; omitted: keep the current one."),
     config: str | None = Form(None, description="A new config JSON object; omitted: keep the current one."),
     tenant: CurrentTenant = Depends(current_tenant),
     state: ServiceState = Depends(get_state),
-    s: Session = Depends(get_session, scope="function"),
 ) -> TaskPublic:
     """Start a new tuning run; it becomes the next prompt version. A task that serves a
     version keeps serving it meanwhile. Also the way to retry a failed task."""
@@ -214,22 +214,21 @@ def retrain_task(
 
 
 @router.post("/{task_id}/cancel", status_code=202, response_model=TaskPublic, responses=_ERRORS)
-def cancel_task(task_id: str, tenant: CurrentTenant = Depends(current_tenant), s: Session = Depends(get_session, scope="function")) -> TaskPublic:
+def cancel_task(task_id: str, s: DbSession, tenant: CurrentTenant = Depends(current_tenant)) -> TaskPublic:
     """Cancel the task's current run: a queued run at once, a running one at its next step.
     A task with no run in progress is returned unchanged."""
     task = repo.request_cancel(s, task_id, tenant_id=tenant.id)
     if task is None:
         raise ApiError(404, f"task {task_id} not found")
-    s.commit()  # before the answer (get_session commits only after the response is sent)
     return task_public(task)
 
 
 @router.delete("/{task_id}", status_code=204, response_class=Response, responses=_ERRORS)
 def delete_task(
+    s: DbSession,
     task_id: str,
     tenant: CurrentTenant = Depends(current_tenant),
     state: ServiceState = Depends(get_state),
-    s: Session = Depends(get_session, scope="function"),
 ) -> Response:
     """Delete the task, its prompt objects and its dataset (unless another task uses it)."""
     delete_task_and_objects(state, s, task_id, tenant_id=tenant.id)
@@ -242,10 +241,10 @@ def delete_task(
     responses={**_ERRORS, 409: {"model": ErrorOut}, 200: {"content": {"application/octet-stream": {}}, "description": "safetensors"}},
 )
 def download_prompt(
+    s: DbSession,
     task_id: str,
     tenant: CurrentTenant = Depends(current_tenant),
     state: ServiceState = Depends(get_state),
-    s: Session = Depends(get_session, scope="function"),
 ) -> Response:
     """The served prompt as safetensors; its header metadata holds method, backbone, classes,
     config and version."""

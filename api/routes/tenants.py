@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
-from sqlalchemy.orm import Session
 
-from api.deps import get_session, require_admin
+from api.deps import DbSession, require_admin
 from api.errors import ApiError
 from api.schemas import TenantCreate, TenantCreated, TenantList, TenantPublic
 from store import repo
@@ -14,7 +13,7 @@ router = APIRouter(prefix="/v1/admin/tenants", tags=["tenants (admin)"], depende
 
 
 @router.post("", status_code=201, response_model=TenantCreated)
-def create_tenant(body: TenantCreate, s: Session = Depends(get_session, scope="function")) -> TenantCreated:
+def create_tenant(body: TenantCreate, s: DbSession) -> TenantCreated:
     """Create a tenant; the answer holds its API key, which is shown only here."""
     try:
         tenant, key = repo.create_tenant(s, body.name)
@@ -22,13 +21,10 @@ def create_tenant(body: TenantCreate, s: Session = Depends(get_session, scope="f
         raise ApiError(409, str(exc)) from None
     except repo.StoreError as exc:
         raise ApiError(422, str(exc)) from None
-    # Commit before answering: FastAPI closes yield dependencies (get_session's commit) only
-    # after the response is sent, and the key must work at once, on every replica.
-    s.commit()
     return TenantCreated(id=tenant.id, name=tenant.name, api_key=key)
 
 
 @router.get("", response_model=TenantList)
-def list_tenants(s: Session = Depends(get_session, scope="function")) -> TenantList:
+def list_tenants(s: DbSession) -> TenantList:
     items = [TenantPublic.model_validate(t) for t in repo.list_tenants(s)]
     return TenantList(items=items, count=len(items))
