@@ -771,6 +771,4 @@ def _resolve(req: _Request, *, result: Any = None, error: BaseException | None =
 
 
 def _preprocess(bb: "Backbone", images: list["Image.Image"]) -> "torch.Tensor":
-    import torch
-
-    return torch.stack([bb.preprocess(img) for img in images])  # (n, 3, S, S)
+    return bb.preprocess_batch(images)  # (n, 3, S, S)

@@ -26,6 +26,7 @@ from .errors import BackboneError
 from .towers import ImageFeatures, OpenClipVision, TextAdapter, TimmVision, TokenPrompts, VisionAdapter
 
 if TYPE_CHECKING:
+    import numpy as np
     from PIL import Image
 
     from .artifacts import TrainedPrompt
@@ -171,6 +172,7 @@ class Backbone:
         self.fingerprint = f"{spec}#{digest[:FINGERPRINT_HEX]}"
         self.notice = notice
         self._preprocess_fn = preprocess_fn
+        self._fast_preprocess = FastPreprocess.of(preprocess_fn)
         self._tokenizer = tokenizer
         if library == "open_clip":
             self.vision: VisionAdapter = OpenClipVision(model.visual)
@@ -201,9 +203,21 @@ class Backbone:
     # ---- images
 
     def preprocess(self, img: "Image.Image") -> torch.Tensor:
-        """PIL image -> (3, S, S) float32 CPU tensor, as the library's eval transform does it."""
-        out = self._preprocess_fn(img.convert("RGB"))
-        return out.to(torch.float32)
+        """PIL image -> (3, S, S) float32 CPU tensor, as the library's eval transform does it
+        (bit for bit: see ``FastPreprocess``)."""
+        img = img.convert("RGB")
+        if self._fast_preprocess is not None:
+            return self._fast_preprocess(img)
+        return self._preprocess_fn(img).to(torch.float32)
+
+    def preprocess_batch(self, images: "list[Image.Image]") -> torch.Tensor:
+        """PIL images -> (n, 3, S, S) float32 CPU tensor, each as ``preprocess`` makes it. On the
+        numpy path no torch op runs on the calling thread (see ``FastPreprocess``)."""
+        if self._fast_preprocess is not None:
+            import numpy as np
+
+            return torch.from_numpy(np.stack([self._fast_preprocess.array(img.convert("RGB")) for img in images]))
+        return torch.stack([self.preprocess(img) for img in images])
 
     def encode_images(self, images: torch.Tensor, prompts: TokenPrompts | None = None) -> ImageFeatures:
         """images (B, 3, S, S) any device/dtype -> ImageFeatures (model dtype, on device)."""
@@ -402,6 +416,71 @@ def _load_timm(parsed: ParsedSpec) -> tuple[nn.Module, Callable, None, str | Non
         raise BackboneError(f"could not load weights {parsed.resolved}: {_short(exc)}") from None
     preprocess = create_transform(**resolve_data_config({}, model=model))
     return model, preprocess, None, source_file
+
+
+class FastPreprocess:
+    """The library's eval transform with its tensor stage in numpy.
+
+    open_clip's and timm's eval transforms are a torchvision ``Compose`` of PIL steps
+    (resize, crop, mode) then ``ToTensor`` and ``Normalize``. Run on the API's preprocessing
+    threads, torch ops on a whole image start an OpenMP team per thread, whose spinning
+    workers compete with the engine's forward for the cores; numpy does the same float32
+    arithmetic (divide by 255, subtract the mean, divide by the std, element by element) on
+    the calling thread only.
+    ``of`` checks the result bit for bit against the library transform on a probe image and
+    returns None (use the library transform) for any other pipeline or any difference.
+    """
+
+    def __init__(self, pil_steps: list[Callable[[Any], Any]], mean: Any, std: Any) -> None:
+        import numpy as np
+
+        self.pil_steps = pil_steps
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(3)
+        self.std = np.asarray(std, dtype=np.float32).reshape(3)
+
+    def array(self, img: "Image.Image") -> "np.ndarray":
+        """(3, S, S) float32, C-contiguous, computed with numpy only."""
+        import numpy as np
+
+        for step in self.pil_steps:
+            img = step(img)
+        if img.mode != "RGB":
+            raise ValueError(f"preprocessing produced a {img.mode} image, expected RGB")
+        a = np.asarray(img, dtype=np.float32)  # (S, S, 3), a fresh array
+        a /= np.float32(255)
+        a -= self.mean
+        a /= self.std
+        return np.ascontiguousarray(a.transpose(2, 0, 1))
+
+    def __call__(self, img: "Image.Image") -> torch.Tensor:
+        return torch.from_numpy(self.array(img))
+
+    @classmethod
+    def of(cls, fn: Callable[[Any], torch.Tensor]) -> "FastPreprocess | None":
+        import numpy as np
+        from PIL import Image
+        from torchvision import transforms as T
+
+        steps = getattr(fn, "transforms", None)
+        if not isinstance(fn, T.Compose) or not isinstance(steps, list) or len(steps) < 2:
+            return None
+        to_tensor, norm = steps[-2], steps[-1]
+        if not isinstance(to_tensor, T.ToTensor) or type(norm) is not T.Normalize or norm.inplace:
+            return None
+        if any(isinstance(s, (T.ToTensor, T.PILToTensor, torch.nn.Module)) and not isinstance(s, (T.Resize, T.CenterCrop))
+               for s in steps[:-2]):
+            return None  # a tensor step before ToTensor: not a PIL-only prefix
+        try:
+            fast = cls(list(steps[:-2]), torch.as_tensor(norm.mean).numpy(), torch.as_tensor(norm.std).numpy())
+            rng = np.random.default_rng(0)
+            probe = Image.fromarray(rng.integers(0, 256, size=(173, 211, 3), dtype=np.uint8))
+            ok = torch.equal(fast(probe), fn(probe).to(torch.float32))
+        except Exception:  # any surprise: the library transform it is
+            return None
+        if not ok:
+            log.warning("numpy preprocessing differs from the library transform; using the library transform")
+            return None
+        return fast
 
 
 def load_backbone(spec: str = "auto", device: str | torch.device | None = None) -> Backbone:

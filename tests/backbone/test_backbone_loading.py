@@ -78,6 +78,44 @@ def test_preprocess_matches_size(tiny):
     assert x[0].mean() > 1.5 and x[1].mean() < -1.5
 
 
+@pytest.mark.parametrize("spec", ["open_clip:tiny:random", "timm:vit_tiny_patch16_224:random"])
+def test_fast_preprocess_is_the_library_transform_bit_for_bit(spec):
+    import numpy as np
+
+    bb = load_backbone(spec, "cpu")
+    assert bb._fast_preprocess is not None, "open_clip's and timm's eval transforms take the numpy path"
+    rng = np.random.default_rng(1)
+    images = [
+        Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)) for h, w in [(31, 47), (300, 200), (224, 224)]
+    ]
+    images += [
+        Image.fromarray(rng.integers(0, 256, size=(90, 60), dtype=np.uint8)),  # L
+        Image.fromarray(rng.integers(0, 256, size=(64, 80, 4), dtype=np.uint8), "RGBA"),
+        Image.new("P", (40, 40), 7),
+    ]
+    for img in images:
+        want = bb._preprocess_fn(img.convert("RGB")).to(torch.float32)
+        got = bb.preprocess(img)
+        assert got.dtype == want.dtype and got.shape == want.shape and got.is_contiguous()
+        assert torch.equal(got, want), img
+    batch = bb.preprocess_batch(images)
+    assert batch.shape == (len(images), 3, bb.image_size, bb.image_size) and batch.dtype == torch.float32
+    assert torch.equal(batch, torch.stack([bb._preprocess_fn(i.convert("RGB")) for i in images]))
+
+
+def test_fast_preprocess_declines_other_pipelines():
+    from torchvision import transforms as T
+
+    from backbone.loading import FastPreprocess
+
+    assert FastPreprocess.of(T.Compose([T.Resize(8), T.ToTensor()])) is None  # no Normalize
+    assert FastPreprocess.of(T.Compose([T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3), T.CenterCrop(4)])) is None
+    assert FastPreprocess.of(T.Compose([T.Grayscale(3), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])) is None
+    assert FastPreprocess.of(lambda img: img) is None
+    ok = FastPreprocess.of(T.Compose([T.Resize(8), T.CenterCrop(8), T.ToTensor(), T.Normalize([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])]))
+    assert ok is not None
+
+
 def test_image_reimplementation_equals_encode_image(tiny):
     x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
