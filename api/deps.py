@@ -17,9 +17,12 @@ from store import logcontext, repo
 from store.db import session_scope
 from store.settings import Settings
 
-__all__ = ["CurrentTenant", "DbSession", "current_tenant", "get_session", "get_settings", "get_state", "require_admin"]
+__all__ = [
+    "CurrentTenant", "DbSession", "authenticate", "bearer", "current_tenant", "get_session", "get_settings",
+    "get_state", "require_admin",
+]
 
-_bearer = HTTPBearer(auto_error=False, description="Tenant API key or admin token.")
+bearer = HTTPBearer(auto_error=False, description="Tenant API key or admin token.")
 _AUTH_HEADERS = {"WWW-Authenticate": "Bearer"}
 
 
@@ -55,23 +58,28 @@ class CurrentTenant:
 
 def current_tenant(
     request: Request,
-    creds: HTTPAuthorizationCredentials | None = Depends(_bearer),
+    creds: HTTPAuthorizationCredentials | None = Depends(bearer),
     state: ServiceState = Depends(get_state),
 ) -> CurrentTenant:
     """The tenant owning the Bearer API key, else 401. Uses a short session of its own so
     that no connection is held while a request waits on inference."""
+    with session_scope(state.sessionmaker) as s:
+        return authenticate(s, request, creds)
+
+
+def authenticate(s: Session, request: Request, creds: HTTPAuthorizationCredentials | None) -> CurrentTenant:
+    """``current_tenant`` inside a caller's session (classify looks its task up in the same one)."""
     if creds is None or not creds.credentials:
         raise ApiError(401, "missing API key: send the header 'Authorization: Bearer <api_key>'", _AUTH_HEADERS)
-    with session_scope(state.sessionmaker) as s:
-        tenant = repo.tenant_by_api_key(s, creds.credentials)
-        if tenant is None:
-            raise ApiError(401, "invalid API key: it is unknown or has been revoked", _AUTH_HEADERS)
-        logcontext.set_ids(tenant_id=tenant.id, task_id=request.path_params.get("task_id"))
-        return CurrentTenant(id=tenant.id, name=tenant.name)
+    tenant = repo.tenant_by_api_key(s, creds.credentials)
+    if tenant is None:
+        raise ApiError(401, "invalid API key: it is unknown or has been revoked", _AUTH_HEADERS)
+    logcontext.set_ids(tenant_id=tenant.id, task_id=request.path_params.get("task_id"))
+    return CurrentTenant(id=tenant.id, name=tenant.name)
 
 
 def require_admin(
-    creds: HTTPAuthorizationCredentials | None = Depends(_bearer),
+    creds: HTTPAuthorizationCredentials | None = Depends(bearer),
     settings: Settings = Depends(get_settings),
 ) -> None:
     """The admin token, else 401."""

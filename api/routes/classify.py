@@ -10,10 +10,11 @@ import logging
 import time
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from api.deps import CurrentTenant, current_tenant, get_state
+from api.deps import CurrentTenant, authenticate, bearer, get_state
 from api.errors import ApiError
 from api.images import decode_images, read_image_payloads
 from api.engine import PromptUnavailable, QueueFull, ServingRef, StaleVersion
@@ -52,7 +53,24 @@ _BODY = {
 
 def _serving_ref(state: ServiceState, task_id: str, tenant: CurrentTenant) -> ServingRef:
     with session_scope(state.sessionmaker) as s:
+        return _ref_of(repo.serving_info(s, task_id, tenant_id=tenant.id), task_id)
+
+
+def classify_target(
+    task_id: str,
+    request: Request,
+    creds: HTTPAuthorizationCredentials | None = Depends(bearer),
+    state: ServiceState = Depends(get_state),
+) -> tuple[CurrentTenant, ServingRef]:
+    """The caller's tenant and the task's served version, read in one short session (the
+    hot path: one thread hop and one connection checkout per request); 401, 404 or 409."""
+    with session_scope(state.sessionmaker) as s:
+        tenant = authenticate(s, request, creds)
         info = repo.serving_info(s, task_id, tenant_id=tenant.id)
+    return tenant, _ref_of(info, task_id)
+
+
+def _ref_of(info: repo.ServingInfo | None, task_id: str) -> ServingRef:
     if info is None:
         raise ApiError(404, f"task {task_id} not found")
     if info.status != READY or info.version is None or info.object_key is None:
@@ -81,7 +99,7 @@ async def classify(
     task_id: str,
     request: Request,
     top_k: int | None = Query(None, ge=1, description="Predictions per image (default: all classes)."),
-    tenant: CurrentTenant = Depends(current_tenant),
+    target: tuple[CurrentTenant, ServingRef] = Depends(classify_target),
     state: ServiceState = Depends(get_state),
 ) -> ClassifyResponse:
     """Classify one or more images (multipart ``images`` parts, or JSON ``{"images": [base64, ...]}``)
@@ -89,7 +107,7 @@ async def classify(
     best first. 409 while the task has no ready version."""
     settings = state.settings
     started = time.perf_counter()
-    ref = await run_in_threadpool(_serving_ref, state, task_id, tenant)
+    tenant, ref = target
     if state.requests is not None:
         state.requests.add(tenant.id)
     try:
