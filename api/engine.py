@@ -76,8 +76,8 @@ class StaleVersion(Exception):
 class QueueFull(Exception):
     """The inference queue cannot take the request's images now."""
 
-    def __init__(self, queued: int, limit: int, retry_after: int) -> None:
-        super().__init__(f"the inference queue is full ({queued} of {limit} images waiting)")
+    def __init__(self, queued: int, limit: int, retry_after: int, reason: str | None = None) -> None:
+        super().__init__(reason or f"the inference queue is full ({queued} of {limit} images waiting)")
         self.retry_after = retry_after
 
 
@@ -454,6 +454,8 @@ class Engine:
         self._open_lock = threading.Lock()
         self.batches = 0  # forwards run (the serve benchmark reads these)
         self.rows = 0  # images through them
+        self.forward_s = 0.0  # seconds spent in them
+        self.batch_log: list[tuple[float, int]] | None = None  # (end, images) of each batch, when a list
         self.metrics.queued.set_function(lambda: self._queued + self._reserved)
         self.metrics.images_per_second.set_function(self._rate)
 
@@ -471,12 +473,8 @@ class Engine:
     def close(self) -> None:
         with self._cond:
             self._stop = True
-            pending = list(self._queue)
-            self._queue.clear()
-            self._queued = 0
             self._cond.notify_all()
-        for req in pending:
-            _resolve(req, error=QueueFull(0, self.queue_size, 1))
+        self.shed("the service is shutting down")
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
@@ -536,6 +534,17 @@ class Engine:
                     self._reserved -= n
         return await req.future
 
+    def shed(self, reason: str = "the inference queue was shed") -> int:
+        """Answer every queued request that no forward has taken yet with ``QueueFull`` (a 503
+        with Retry-After); a batch already running finishes. Returns the requests shed."""
+        with self._cond:
+            pending = list(self._queue)
+            self._queue.clear()
+            self._queued = 0
+        for req in pending:
+            _resolve(req, error=QueueFull(0, self.queue_size, 1, reason))
+        return len(pending)
+
     def evict(self, task_id: str) -> None:
         """The task was deleted: forget it here and, through Redis, in every replica."""
         self.cache.note_version(task_id, None, "deleted")
@@ -555,6 +564,11 @@ class Engine:
     def queued_images(self) -> int:
         """Images admitted and not yet in a forward (queued or being preprocessed)."""
         return self._queued + self._reserved
+
+    @property
+    def enqueued_images(self) -> int:
+        """Images preprocessed and waiting in the queue for a batch: what ``shed()`` answers."""
+        return self._queued
 
     def stats(self) -> dict[str, Any]:
         """A small summary for /readyz and the dashboard."""
@@ -618,7 +632,7 @@ class Engine:
     def _enqueue(self, req: _Request) -> None:
         with self._cond:
             if self._stop:
-                raise QueueFull(self._queued, self.queue_size, 1)
+                raise QueueFull(self._queued, self.queue_size, 1, "the service is shutting down")
             req.enqueued = time.perf_counter()
             req.results = [None] * req.n
             self._queue.append(req)
@@ -714,6 +728,9 @@ class Engine:
         self.metrics.images.inc(n)
         self.batches += 1
         self.rows += n
+        self.forward_s += now - started
+        if self.batch_log is not None:
+            self.batch_log.append((now, n))
         with self._recent_lock:
             self._recent.append((now, n))
         for req, _, end in batch:

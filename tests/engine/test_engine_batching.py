@@ -122,3 +122,39 @@ def test_burst_over_the_queue_bound_gets_503_and_recovers(settings_factory: Any,
     metrics = httpx.get(f"{app.url}/metrics").text
     assert _metric(metrics, "promptstore_engine_rejected_total") == 20
     assert 'promptstore_classify_requests_total{method="linear-probe",outcome="rejected"} 20.0' in metrics
+
+
+def test_shed_answers_the_queued_requests_with_503_and_the_engine_goes_on(
+    settings_factory: Any, serve: Any, seed: Any
+) -> None:
+    # Batches close only after 3 s: four requests wait in the queue when shed() runs.
+    settings = settings_factory(queue_size=64, max_batch=64, max_wait_ms=3000)
+    (task,) = seed(settings, 1, ["linear-probe"])
+    app = serve(settings)
+    img = image_bytes(2)
+
+    async def scenario() -> tuple[list[httpx.Response], int, httpx.Response]:
+        async with httpx.AsyncClient(base_url=app.url, timeout=60) as http:
+
+            async def post() -> httpx.Response:
+                files = [("images", ("a.png", img, "image/png"))]
+                return await http.post(f"/v1/tasks/{task.task_id}/classify", files=files, headers=task.headers)
+
+            waiting = [asyncio.create_task(post()) for _ in range(4)]
+            deadline = time.monotonic() + 20
+            # queued_images also counts images still being preprocessed, which shed() cannot
+            # answer yet: wait until all four are in the queue proper.
+            while app.engine.enqueued_images < 4:
+                assert time.monotonic() < deadline, "the requests never reached the queue"
+                await asyncio.sleep(0.01)
+            shed = app.engine.shed()
+            answers = await asyncio.gather(*waiting)
+            return answers, shed, await post()
+
+    answers, shed, after = asyncio.run(scenario())
+    assert shed == 4
+    for r in answers:
+        assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1, r.text
+        assert "the inference queue was shed" in r.json()["detail"]
+    assert after.status_code == 200, after.text  # the engine goes on
+    assert app.engine.queued_images == 0
