@@ -5,7 +5,8 @@ objects in a temporary folder), publishes ``--tasks`` ready tasks of mixed metho
 ``--tenants`` tenants straight through the store (each prompt is its method's own
 initialisation plus noise, ``backbone.tuning.random_prompt``: serving cost does not depend
 on how well a prompt was tuned), then drives ``--clients`` concurrent HTTP clients (from a
-process of their own) for ``--seconds`` seconds, each request classifying ``--images``
+process of their own: raw keep-alive HTTP/1.1, a fraction of a millisecond of CPU per
+request) for ``--seconds`` seconds per scenario, each request classifying ``--images``
 image(s) of a random task.
 
 Two scenarios, each with its own N tasks:
@@ -21,7 +22,13 @@ On the mixed tasks also, through the same HTTP service and clients:
       store, prepared on the device), as a model-per-tenant server does. It serves one
       request at a time, so its images/s is images over the time it was busy (its answers
       over HTTP are in the JSON too).
-Served images/s counts the answers inside the window over the time to the last of them.
+The engine's seconds are split into ``--rounds`` windows, each followed by its in-process
+reference (at the mean batch size formed so far), so that a drift of the machine's speed
+hits both alike; the reference is the mean over rounds. Served images/s is the steady
+state: the images of the batches that ended inside a window after its first two, over the
+time they took (a window opens on an idle service, and its first batches fill the
+pipeline); the whole-window figure (answers over the time to the last of them) is printed
+and written too.
 Prints a table and writes JSON; ratios are measured in the one run.
 
     promptstore bench serve                              # ViT-B-32 random, CPU, 100 tasks, 32 clients
@@ -211,50 +218,170 @@ def _percentiles(lat: list[float]) -> dict[str, float | None]:
     return {"p50_ms": q(0.50), "p95_ms": q(0.95), "p99_ms": q(0.99), "mean_ms": 1000.0 * statistics.fmean(s)}
 
 
+class _Conn:
+    """One keep-alive HTTP/1.1 connection of the load generator. Raw asyncio streams, with
+    each request's bytes built by hand: on a 2-core machine the clients share the cores with
+    the server, and a full client library (httpx measured about 8 ms of CPU per request)
+    would take a tenth of the machine from the service it measures."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, head: bytes, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            sock = self.writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assert self.reader is not None
+        try:
+            self.writer.write(head + body)
+            status_line, _, rest = (await self.reader.readuntil(b"\r\n\r\n")).partition(b"\r\n")
+            headers = {}
+            for line in rest.split(b"\r\n"):
+                name, _, value = line.partition(b":")
+                headers[name.strip().lower()] = value.strip()
+            status = int(status_line.split(b" ", 2)[1])
+            if b"content-length" not in headers:
+                raise ConnectionError(f"HTTP {status} answer without a Content-Length")
+            data = await self.reader.readexactly(int(headers[b"content-length"]))
+        except BaseException:
+            self.close()
+            raise
+        if headers.get(b"connection", b"").lower() == b"close":
+            self.close()
+        return status, data
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+def _classify_request(host: str, task: SeededTask, images: list[bytes], boundary: str) -> tuple[bytes, bytes]:
+    """(head, body) of a multipart classify request for ``task`` with ``images``."""
+    parts = []
+    for j, img in enumerate(images):
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="{j}.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n".encode() + img + b"\r\n"
+        )
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    head = (
+        f"POST /v1/tasks/{task.task_id}/classify?top_k=1 HTTP/1.1\r\nHost: {host}\r\n"
+        + "".join(f"{k}: {v}\r\n" for k, v in task.headers.items())
+        + f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return head, body
+
+
+def steady_state(batch_log: list[tuple[float, int]], window_end: float, skip: int = 2) -> dict[str, Any]:
+    """Served images/s once the pipeline is full: the images of the batches that ended inside
+    the window after the first ``skip`` (a window opens on an idle service: its first batch
+    closes on the few requests already decoded, the next on what queued meanwhile), over the
+    time from the end of batch ``skip`` to the end of the last one. Each batch's answers go
+    out over HTTP as it ends."""
+    ends = [(t, n) for t, n in batch_log if t <= window_end]
+    if len(ends) < skip + 2:
+        return {"steady_images_per_s": None, "steady_images": 0, "steady_s": 0.0}
+    images, secs = sum(n for _, n in ends[skip + 1:]), ends[-1][0] - ends[skip][0]
+    return {"steady_images_per_s": images / secs if secs > 0 else None, "steady_images": images, "steady_s": secs}
+
+
+def served_rate(d: dict[str, Any]) -> float:
+    """The served images/s the ratios use: steady state where the window had enough batches."""
+    return d.get("steady_images_per_s") or d["images_per_s"]
+
+
+def merge_windows(windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result of several ``_drive`` windows: images over the summed serving time,
+    percentiles over every latency; each window kept under ``windows`` (without latencies)."""
+    lat = [x for w in windows for x in w.pop("latencies_s")]
+    secs = sum(w["seconds"] for w in windows)
+    errors: dict[str, int] = {}
+    for w in windows:
+        for k, v in w["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    images = sum(w["images"] for w in windows)
+    forward_s = sum(w.get("forward_s", 0.0) for w in windows)
+    batches, rows = sum(w.get("batches", 0) for w in windows), sum(w.get("rows", 0) for w in windows)
+    steady_images, steady_s = sum(w.get("steady_images", 0) for w in windows), sum(w.get("steady_s", 0.0) for w in windows)
+    return {
+        "images_per_s": images / secs if secs > 0 else 0.0,
+        "requests": sum(w["requests"] for w in windows),
+        "images": images,
+        "seconds": secs,
+        "window_s": sum(w["window_s"] for w in windows),
+        "errors": errors,
+        "client_cpu_s": sum(w["client_cpu_s"] for w in windows),
+        "server_cpu_s": sum(w.get("server_cpu_s", 0.0) for w in windows),
+        "batches": batches,
+        "rows": rows,
+        "mean_batch": rows / batches if batches else None,
+        "steady_images_per_s": steady_images / steady_s if steady_s > 0 else None,
+        "steady_images": steady_images,
+        "steady_s": steady_s,
+        "forward_s": forward_s,
+        "forward_images_per_s": rows / forward_s if forward_s > 0 else None,
+        **_percentiles(lat),
+        "windows": windows,
+    }
+
+
 async def _drive(
     url: str, tasks: list[SeededTask], *, clients: int, seconds: float, images: list[bytes], per_request: int, seed: int
 ) -> dict[str, Any]:
     """Counts what completes inside the window; requests still open at its end are dropped."""
-    import httpx
+    from urllib.parse import urlsplit
 
+    parsed = urlsplit(url)
+    host, port = parsed.hostname or "127.0.0.1", int(parsed.port or 80)
+    boundary = secrets.token_hex(16)
     lat: list[float] = []
     counts = {"images": 0, "requests": 0}
     errors: dict[str, int] = {}
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=600.0, limits=limits) as http:
-        start = time.perf_counter()
-        stop_at = start + seconds
-        last = [start]  # the last completion inside the window
+    conns = [_Conn(host, port) for _ in range(clients)]
+    cpu0 = time.process_time()
+    start = time.perf_counter()
+    stop_at = start + seconds
+    last = [start]  # the last completion inside the window
 
-        async def client(i: int) -> None:
-            rnd = random.Random(seed * 1000 + i)
-            while time.perf_counter() < stop_at:
-                task = rnd.choice(tasks)
-                files = [("images", (f"{j}.jpg", rnd.choice(images), "image/jpeg")) for j in range(per_request)]
-                t0 = time.perf_counter()
-                try:
-                    r = await http.post(f"/v1/tasks/{task.task_id}/classify?top_k=1", files=files, headers=task.headers)
-                except httpx.HTTPError as exc:
-                    errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
-                    continue
-                t1 = time.perf_counter()
-                if t1 > stop_at:
-                    return
-                if r.status_code == 200:
-                    lat.append(t1 - t0)
-                    counts["images"] += per_request
-                    counts["requests"] += 1
-                    last[0] = max(last[0], t1)
-                else:
-                    errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
-                    if r.status_code == 503:
-                        await asyncio.sleep(0.05)
+    async def client(i: int) -> None:
+        rnd = random.Random(seed * 1000 + i)
+        conn = conns[i]
+        while time.perf_counter() < stop_at:
+            task = rnd.choice(tasks)
+            head, body = _classify_request(parsed.netloc, task, [rnd.choice(images) for _ in range(per_request)], boundary)
+            t0 = time.perf_counter()
+            try:
+                status, _ = await conn.post(head, body)
+            except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                await asyncio.sleep(0.05)
+                continue
+            t1 = time.perf_counter()
+            if t1 > stop_at:
+                return
+            if status == 200:
+                lat.append(t1 - t0)
+                counts["images"] += per_request
+                counts["requests"] += 1
+                last[0] = max(last[0], t1)
+            else:
+                errors[str(status)] = errors.get(str(status), 0) + 1
+                if status == 503:
+                    await asyncio.sleep(0.05)
 
-        running = [asyncio.create_task(client(i)) for i in range(clients)]
-        await asyncio.wait(running, timeout=seconds)
-        for t in running:
-            t.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
+    running = [asyncio.create_task(client(i)) for i in range(clients)]
+    await asyncio.wait(running, timeout=seconds)
+    for t in running:
+        t.cancel()
+    await asyncio.gather(*running, return_exceptions=True)
+    for c in conns:
+        c.close()
+    client_cpu = time.process_time() - cpu0
     # Served images over the time it took to serve them: from the start to the last answer
     # inside the window (a batch still running at the end counts neither its images nor its time).
     served_s = last[0] - start
@@ -265,6 +392,8 @@ async def _drive(
         "seconds": served_s,
         "window_s": seconds,
         "errors": errors,
+        "client_cpu_s": client_cpu,
+        "latencies_s": lat,
         **_percentiles(lat),
     }
 
@@ -307,9 +436,10 @@ def wait_idle(server: Any, timeout: float = 300.0) -> float:
     return time.perf_counter() - t0
 
 
-def warm(url: str, engine: Any, settings: "Settings", tasks: list[SeededTask], images: list[bytes], clients: int) -> None:
+def warm(url: str, engine: Any, settings: "Settings", tasks: list[SeededTask], images: list[bytes]) -> None:
     """Load every task's prompt into the engine's cache (as the first request of each task
-    would, without its forward), then one round of ``clients`` requests over HTTP."""
+    would, without its forward), then one request over HTTP for one task of each method (the
+    engine windows skip their first batches anyway; this checks that every method answers)."""
     import httpx
 
     from api.engine import ServingRef
@@ -339,7 +469,8 @@ def warm(url: str, engine: Any, settings: "Settings", tasks: list[SeededTask], i
                 if r.status_code != 200:
                     raise RuntimeError(f"warm-up classify of task {t.task_id} ({t.method}) failed: {r.text}")
 
-            await asyncio.gather(*(one(t) for t in tasks[:clients]))
+            first = {t.method: t for t in reversed(tasks)}  # the first task of each method
+            await asyncio.gather(*(one(t) for t in first.values()))
 
     asyncio.run(go())
 
@@ -407,7 +538,7 @@ class NaiveServer:
         from api.engine import QueueFull
 
         if self.closing:
-            raise QueueFull(0, 0, 1)
+            raise QueueFull(0, 0, 1, "the naive baseline's window is over")
         loop = asyncio.get_running_loop()
         with self._lock:
             self._busy += 1
@@ -423,7 +554,7 @@ class NaiveServer:
         from api.engine import QueueFull
 
         if self.closing:
-            raise QueueFull(0, 0, 1)
+            raise QueueFull(0, 0, 1, "the naive baseline's window is over")
         from safetensors.torch import load_model
 
         from api.engine import top_predictions
@@ -468,7 +599,8 @@ def run(
     tasks: int = 100,
     tenants: int = 10,
     clients: int = 32,
-    seconds: float = 30.0,
+    seconds: float = 24.0,
+    rounds: int = 2,
     baseline_seconds: float | None = None,
     images_per_request: int = 1,
     max_batch: int | None = None,
@@ -488,11 +620,12 @@ def run(
 
     if threads:
         torch.set_num_threads(threads)
-    # Engine windows are long (many batches: the window opens on an empty pipeline, and its
-    # fill counts against the engine: 8 s windows measured 0.81-0.83 of the tower where 30 s
-    # windows measured 0.90 on the same code); the batch-1 and naive baselines reach their
-    # steady state at once, so a few seconds do.
-    base_s = baseline_seconds if baseline_seconds is not None else max(2.0, min(4.0, seconds / 2))
+    # The engine's time per scenario is split into ``rounds`` windows, each followed by its
+    # reference; the batch-1 and naive baselines reach their steady state at once (and sit
+    # far from their targets), so a few seconds do.
+    if rounds < 1:
+        raise ValueError("rounds must be at least 1")
+    base_s = baseline_seconds if baseline_seconds is not None else max(2.0, min(3.0, seconds / 2))
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="promptstore-bench-serve-") as tmp:
         root = Path(tmp)
@@ -537,7 +670,7 @@ def run(
             "dtype": str(bb.dtype).replace("torch.", ""),
             "machine": _machine(bb),
             "params": {
-                "tasks_per_scenario": tasks, "tenants": tenants, "clients": clients, "seconds": seconds,
+                "tasks_per_scenario": tasks, "tenants": tenants, "clients": clients, "seconds": seconds, "rounds": rounds,
                 "baseline_seconds": base_s, "images_per_request": images_per_request, "max_batch": max_batch,
                 "max_wait_ms": max_wait_ms, "classes_per_task": classes, "seed": seed,
                 "features_methods": features, "mixed_methods": every,
@@ -548,54 +681,99 @@ def run(
             if not state.backbone.wait(600) or state.backbone.error:
                 raise RuntimeError(f"backbone did not load: {state.backbone.error}")
 
-            def served(name: str, task_list: list[SeededTask], secs: float) -> dict[str, Any]:
-                b0, r0 = engine.batches, engine.rows
+            def served(name: str, task_list: list[SeededTask], secs: float, run_seed: int = seed) -> dict[str, Any]:
+                b0, r0, f0, c0 = engine.batches, engine.rows, engine.forward_s, time.process_time()
+                engine.batch_log = batch_log = []
+                window_end = time.perf_counter() + secs  # the clients' window ends a little later
                 out = clients_proc.drive(
                     server.url, task_list, clients=clients, seconds=secs, images=images,
-                    per_request=images_per_request, seed=seed,
+                    per_request=images_per_request, seed=run_seed,
                 )
+                engine.batch_log = None
+                out.update(steady_state(batch_log, window_end))
                 nb, nr = engine.batches - b0, engine.rows - r0
+                out["server_cpu_s"] = time.process_time() - c0
                 out["mean_batch"] = nr / nb if nb else None
                 out["batches"] = nb
-                engine.max_batch = max_batch  # what the clients left open goes in full batches
+                out["rows"] = nr
+                # rows over seconds inside forwards: the forward's own speed under the HTTP load
+                # (the rest of the gap to the reference is time the forward thread waited)
+                out["forward_s"] = engine.forward_s - f0
+                out["forward_images_per_s"] = nr / out["forward_s"] if out["forward_s"] > 0 else None
+                out["shed_after_window"] = engine.shed()  # answered after the window: not waited for
                 out["drain_s"] = wait_idle(engine)
-                log(f"{name}: {out['images_per_s']:.2f} img/s, p50 {out['p50_ms']:.0f} ms, "
-                    f"p99 {out['p99_ms']:.0f} ms, mean batch {out['mean_batch'] or 0:.1f}, errors {out['errors']}")
+                log(f"{name}: {out['images_per_s']:.2f} img/s, p50 {out['p50_ms'] or 0:.0f} ms, "
+                    f"p99 {out['p99_ms'] or 0:.0f} ms, mean batch {out['mean_batch'] or 0:.1f}, errors {out['errors']}")
                 return out
 
-            t0 = time.perf_counter()
-            warm(server.url, engine, settings, feat_tasks, images, clients)
-            res["setup_s"]["warm_features"] = time.perf_counter() - t0
-            feat = served("features: engine", feat_tasks, seconds)
-            # Each in-process reference runs right after the engine run it is compared with, at
-            # the batch size that run formed (on a shared machine the load drifts).
+            def alternate(
+                name: str, task_list: list[SeededTask], reference: Callable[[int], dict[str, Any]]
+            ) -> tuple[dict[str, Any], dict[str, Any]]:
+                """``rounds`` engine windows of ``seconds / rounds``, each followed by its in-process
+                reference at the mean batch size the engine formed so far. The speed of a shared
+                machine drifts (on a 2-core VM the same forward varied by a third within a minute):
+                a reference timed beside each window drifts with it."""
+                windows, refs = [], []
+                for i in range(rounds):
+                    windows.append(served(f"{name} {i + 1}/{rounds}", task_list, seconds / rounds, seed * 100 + i))
+                    nb, nr = sum(w["batches"] for w in windows), sum(w["rows"] for w in windows)
+                    refs.append(reference(max(1, round(nr / nb)) if nb else 1))
+                out = merge_windows(windows)
+                ref = {
+                    "images_per_s": statistics.fmean(r["images_per_s"] for r in refs),
+                    "batch": refs[-1]["batch"],
+                    "each_round": refs,
+                }
+                out["round_ratios"] = [
+                    served_rate(w) / r["images_per_s"] if r["images_per_s"] else None for w, r in zip(windows, refs)
+                ]
+                log(f"{name}: {served_rate(out):.2f} img/s in steady state over {rounds} windows "
+                    f"({out['images_per_s']:.2f} over whole windows); reference {ref['images_per_s']:.2f} img/s")
+                return out, ref
+
             from backbone import forward_mixed
 
-            b_feat = max(1, round(feat["mean_batch"] or 1))
-            tower = time_forward(bb, lambda x: bb.vision.forward(x).embeds.float().cpu(), b_feat, base_s / 2, 2)
-            log(f"(a) bare image tower at batch {b_feat}: {tower['images_per_s']:.2f} img/s")
+            def tower_at(b: int) -> dict[str, Any]:
+                return time_forward(bb, lambda x: bb.vision.forward(x).embeds.float().cpu(), b, base_s / 2, 2)
+
             t0 = time.perf_counter()
-            warm(server.url, engine, settings, mixed_tasks, images, clients)
+            warm(server.url, engine, settings, feat_tasks, images)
+            res["setup_s"]["warm_features"] = time.perf_counter() - t0
+            feat, tower = alternate("features: engine", feat_tasks, tower_at)
+            log(f"(a) bare image tower at batch {tower['batch']}: {tower['images_per_s']:.2f} img/s")
+
+            t0 = time.perf_counter()
+            warm(server.url, engine, settings, mixed_tasks, images)
             res["setup_s"]["warm_mixed"] = time.perf_counter() - t0
-            mixed = served("mixed: engine", mixed_tasks, seconds)
-            b_mix = max(1, round(mixed["mean_batch"] or 1))
             residents: dict[str, Any] = {}
             for t in mixed_tasks:
                 if t.method not in residents:
                     residents[t.method] = _resident_of(engine, t.task_id)
-            one_task: dict[str, Any] = {}
-            for m, r in residents.items():
-                one_task[m] = time_forward(
-                    bb, lambda x, r=r: forward_mixed(bb, [r], x, torch.zeros(x.shape[0], dtype=torch.long)),
-                    b_mix, max(0.5, base_s / (2 * len(residents))),
-                )
             share = {m: sum(1 for t in mixed_tasks if t.method == m) / len(mixed_tasks) for m in residents}
-            one_task_ref = 1.0 / sum(share[m] / one_task[m]["images_per_s"] for m in residents)
-            log(f"(a') one-task prompted forward at batch {b_mix}, weighted by the mix: {one_task_ref:.2f} img/s")
+
+            def one_task_at(b: int) -> dict[str, Any]:
+                per_method = {
+                    m: time_forward(
+                        bb, lambda x, r=r: forward_mixed(bb, [r], x, torch.zeros(x.shape[0], dtype=torch.long)),
+                        b, max(0.5, base_s / (2 * len(residents))),
+                    )
+                    for m, r in residents.items()
+                }
+                ips = 1.0 / sum(share[m] / per_method[m]["images_per_s"] for m in residents)
+                return {"images_per_s": ips, "batch": b, "per_method": per_method}
+
+            mixed, one_task = alternate("mixed: engine", mixed_tasks, one_task_at)
+            one_task["share"] = share
+            one_task["per_method"] = {
+                m: statistics.fmean(r["per_method"][m]["images_per_s"] for r in one_task["each_round"]) for m in residents
+            }
+            log(f"(a') one-task prompted forward at batch {one_task['batch']}, weighted by the mix: "
+                f"{one_task['images_per_s']:.2f} img/s")
 
             engine.max_batch = 1
             try:
                 batch1 = served("mixed: one request one forward", mixed_tasks, base_s)
+                batch1.pop("latencies_s")
             finally:
                 engine.max_batch = max_batch
 
@@ -608,6 +786,7 @@ def run(
                     server.url, mixed_tasks, clients=clients, seconds=base_s, images=images,
                     per_request=images_per_request, seed=seed + 1,
                 )
+                naive.pop("latencies_s")
                 naive["task_switches"] = naive_server.switches
                 naive_server.closing = True
                 naive["drain_s"] = wait_idle(naive_server)
@@ -625,15 +804,20 @@ def run(
         res["features"] = {"engine": feat, "bare_tower": tower}
         res["mixed"] = {
             "engine": mixed,
-            "one_task_prompted": {"images_per_s": one_task_ref, "batch": b_mix, "per_method": one_task, "share": share},
+            "one_task_prompted": one_task,
             "one_request_one_forward": batch1,
             "naive_reload_per_switch": naive,
         }
+        served_mixed = served_rate(mixed)
         ratios = {
+            "features_vs_tower": served_rate(feat) / tower["images_per_s"],
+            "mixed_vs_one_task": served_mixed / one_task["images_per_s"],
+            "vs_one_request_one_forward": served_mixed / served_rate(batch1) if served_rate(batch1) else None,
+            "vs_naive_reload": served_mixed / naive["images_per_s"] if naive["images_per_s"] else None,
+        }
+        res["ratios_whole_windows"] = {
             "features_vs_tower": feat["images_per_s"] / tower["images_per_s"],
-            "mixed_vs_one_task": mixed["images_per_s"] / one_task_ref,
-            "vs_one_request_one_forward": mixed["images_per_s"] / batch1["images_per_s"] if batch1["images_per_s"] else None,
-            "vs_naive_reload": mixed["images_per_s"] / naive["images_per_s"] if naive["images_per_s"] else None,
+            "mixed_vs_one_task": mixed["images_per_s"] / one_task["images_per_s"],
         }
         res["ratios"] = ratios
         res["targets"] = {k: {"min": v, "met": ratios[k] is not None and ratios[k] >= v} for k, v in TARGETS.items()}
@@ -653,28 +837,36 @@ def format_table(res: dict[str, Any]) -> str:
     p, m = res["params"], res["machine"]
     f, x, r = res["features"], res["mixed"], res["ratios"]
 
-    def row(label: str, d: dict[str, Any], batch: Any = "") -> str:
+    def row(label: str, d: dict[str, Any], batch: Any = "", ips: float | None = None) -> str:
         def ms(k: str) -> str:
             return f"{d[k]:>8.0f}" if d.get(k) is not None else f"{'-':>8}"
 
-        return f"{label:<46}{d['images_per_s']:>10.2f}{ms('p50_ms')}{ms('p95_ms')}{ms('p99_ms')}{str(batch):>8}"
+        ips = d["images_per_s"] if ips is None else ips
+        return f"{label:<46}{ips:>10.2f}{ms('p50_ms')}{ms('p95_ms')}{ms('p99_ms')}{str(batch):>8}"
+
+    def steady(label: str, d: dict[str, Any]) -> str:
+        return f"{label:<46}{served_rate(d):>10.2f}"
 
     mb = lambda d: f"{d['mean_batch']:.1f}" if d.get("mean_batch") else "-"  # noqa: E731
     lines = [
         f"serve bench: {res['backbone']} {res['dtype']} on {m['device']} ({m['device_name']}), torch {m['torch']}, "
         f"{m['torch_threads']} threads / {m['cpu_count']} cpus",
         f"{p['tasks_per_scenario']} tasks per scenario across {p['tenants']} tenants, {p['clients']} clients x "
-        f"{p['images_per_request']} image(s)/request, {p['seconds']:.0f}s per engine run, max_batch {p['max_batch']}, "
+        f"{p['images_per_request']} image(s)/request, {p['seconds']:g}s per engine run in {p['rounds']} windows, "
+        f"max_batch {p['max_batch']}, "
         f"max_wait {p['max_wait_ms']:g} ms",
         "",
         f"{'':<46}{'images/s':>10}{'p50 ms':>8}{'p95 ms':>8}{'p99 ms':>8}{'batch':>8}",
         f"features ({', '.join(p['features_methods'])})",
-        row("  engine over HTTP", f["engine"], mb(f["engine"])),
+        row("  engine over HTTP, whole windows", f["engine"], mb(f["engine"])),
+        steady("  engine over HTTP, steady state", f["engine"]),
         row("  (a) bare image tower, in-process", f["bare_tower"], f["bare_tower"]["batch"]),
         f"mixed ({', '.join(p['mixed_methods'])})",
-        row("  engine over HTTP", x["engine"], mb(x["engine"])),
+        row("  engine over HTTP, whole windows", x["engine"], mb(x["engine"])),
+        steady("  engine over HTTP, steady state", x["engine"]),
         row("  (a') one-task prompted forward, in-process", x["one_task_prompted"], x["one_task_prompted"]["batch"]),
-        row("  (b) one request one forward, HTTP", x["one_request_one_forward"], mb(x["one_request_one_forward"])),
+        row("  (b) one request one forward, HTTP, steady", x["one_request_one_forward"], mb(x["one_request_one_forward"]),
+            served_rate(x["one_request_one_forward"])),
         row("  (c) naive reload per task switch, HTTP", x["naive_reload_per_switch"], 1),
         "",
     ]
@@ -691,6 +883,12 @@ def format_table(res: dict[str, Any]) -> str:
             f"{label:<46}{(f'{v:.3f}' if v is not None else '-'):>10}   target >= {t['min']:g}: "
             f"{'met' if t['met'] else 'NOT met'}"
         )
+    w = res["ratios_whole_windows"]
+    lines.append(
+        f"(over whole windows, fill included: features {w['features_vs_tower']:.3f}, mixed {w['mixed_vs_one_task']:.3f}; "
+        f"per round: features {', '.join(f'{v:.2f}' for v in f['engine']['round_ratios'])}, "
+        f"mixed {', '.join(f'{v:.2f}' for v in x['engine']['round_ratios'])})"
+    )
     lines.append(f"\ntotal {res['total_s']:.0f}s")
     return "\n".join(lines)
 

@@ -223,12 +223,16 @@ def bench_serve(
     tenants: int = typer.Option(10, min=1, help="Tenants the tasks are spread over."),
     clients: int = typer.Option(32, min=1, help="Concurrent HTTP clients."),
     seconds: float = typer.Option(
-        30.0, min=0.1,
-        help="Seconds per engine run: long enough for many batches (a CPU batch takes about a second, and the "
-        "first batch's pipeline fill counts against a short window).",
+        24.0, min=0.1,
+        help="Engine seconds per scenario, split into --rounds windows: long enough for many batches in each "
+        "(a CPU batch takes about a second, and the steady state skips each window's first two).",
+    ),
+    rounds: int = typer.Option(
+        2, min=1, help="Engine windows per scenario, each followed by its in-process reference (a drift of the "
+        "machine's speed hits both alike)."
     ),
     baseline_seconds: float = typer.Option(
-        None, help="Seconds per baseline run (default: seconds / 2, between 2 and 4)."
+        None, help="Seconds per baseline run (default: seconds / 2, between 2 and 3)."
     ),
     images: int = typer.Option(1, min=1, help="Images per request."),
     max_batch: int = typer.Option(None, help="Engine max_batch (default 16 on CPU, 256 on GPU)."),
@@ -244,7 +248,7 @@ def bench_serve(
 
     run_serve_bench(
         out, backbone=backbone, device=device, tasks=tasks, tenants=tenants, clients=clients, seconds=seconds,
-        baseline_seconds=baseline_seconds, images_per_request=images, max_batch=max_batch, max_wait_ms=max_wait_ms,
+        rounds=rounds, baseline_seconds=baseline_seconds, images_per_request=images, max_batch=max_batch, max_wait_ms=max_wait_ms,
         threads=threads,
     )
 

@@ -20,7 +20,7 @@ def test_bench_serve_runs_and_writes_json(tmp_path: Path, test_output_dir: Path)
     result = CliRunner().invoke(
         app,
         ["bench", "serve", "--backbone", "open_clip:tiny:random", "--device", "cpu", "--tasks", "7", "--tenants", "3",
-         "--clients", "4", "--seconds", "2", "--baseline-seconds", "1", "--out", str(out)],  # fmt: skip
+         "--clients", "4", "--seconds", "2", "--rounds", "2", "--baseline-seconds", "1", "--out", str(out)],  # fmt: skip
     )
     assert result.exit_code == 0, result.output
     res: dict[str, Any] = json.loads(out.read_text())
@@ -35,10 +35,34 @@ def test_bench_serve_runs_and_writes_json(tmp_path: Path, test_output_dir: Path)
     assert res["mixed"]["naive_reload_per_switch"]["task_switches"] > 0
     assert res["features"]["bare_tower"]["images_per_s"] > 0
     assert sorted(res["mixed"]["one_task_prompted"]["per_method"]) == sorted(res["params"]["mixed_methods"])
+    for engine, ref in ((res["features"]["engine"], res["features"]["bare_tower"]),
+                        (res["mixed"]["engine"], res["mixed"]["one_task_prompted"])):  # fmt: skip
+        # two windows, each with the reference timed after it; the engine figure is their sum
+        assert len(engine["windows"]) == 2 and len(ref["each_round"]) == 2 and len(engine["round_ratios"]) == 2
+        assert engine["images"] == sum(w["images"] for w in engine["windows"])
+        assert engine["images_per_s"] == pytest.approx(engine["images"] / engine["seconds"])
+        assert ref["images_per_s"] == pytest.approx(sum(r["images_per_s"] for r in ref["each_round"]) / 2)
+        assert "latencies_s" not in engine and all("latencies_s" not in w for w in engine["windows"])
     for key, value in res["ratios"].items():
         assert value is not None and value > 0, key
         assert res["targets"][key]["met"] == (value >= res["targets"][key]["min"])
-    r = res["ratios"]
+    r, mixed = res["ratios"], res["mixed"]["engine"]
+    # the ratios use the steady state (the batches after each window's first two), here
+    # always available: a 1 s window on the tiny backbone holds dozens of batches
+    assert mixed["steady_images_per_s"] > 0 and 0 < mixed["steady_images"] < mixed["images"]
     assert r["vs_naive_reload"] == pytest.approx(
-        res["mixed"]["engine"]["images_per_s"] / res["mixed"]["naive_reload_per_switch"]["images_per_s"]
+        mixed["steady_images_per_s"] / res["mixed"]["naive_reload_per_switch"]["images_per_s"]
     )
+    assert res["ratios_whole_windows"]["mixed_vs_one_task"] == pytest.approx(
+        mixed["images_per_s"] / res["mixed"]["one_task_prompted"]["images_per_s"]
+    )
+
+
+def test_steady_state_skips_the_fill_and_the_batches_after_the_window() -> None:
+    from api.bench_serve import steady_state
+
+    # (end time, images) of each batch: a small first batch, then full ones; one ends after the window
+    log = [(1.0, 2), (2.0, 16), (3.0, 16), (4.0, 16), (5.0, 16), (9.0, 16)]
+    # batches 3 and 4 (ending at 4.0 and 5.0) over the time since batch 2 ended (3.0)
+    assert steady_state(log, window_end=8.0) == {"steady_images_per_s": 16.0, "steady_images": 32, "steady_s": 2.0}
+    assert steady_state(log[:3], window_end=8.0)["steady_images_per_s"] is None  # too few batches
