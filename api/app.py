@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from api.errors import install_error_handlers
 from api.engine import Engine
 from api.middleware import FORM_OVERHEAD_BYTES, BodyLimitMiddleware, HttpMetrics, MetricsMiddleware
+from api.ratelimit import RateLimiter
 from api.state import BackboneHolder, RequestCounter, ServiceState
 from store.settings import Settings, get_settings
 from worker import runtime
@@ -62,6 +63,7 @@ def create_app(
         dispatcher=dispatcher or make_dispatcher(settings),
         registry=registry,
         http_metrics=http_metrics,
+        limiter=RateLimiter(settings.redis_url, registry),
         requests=RequestCounter(sm),
     )
 

@@ -643,6 +643,7 @@ def run(
             max_wait_ms=max_wait_ms,
             queue_size=max(1024, 4 * clients * images_per_request),
             max_classify_images=max(64, images_per_request),
+            classify_rate=0,  # the bench measures the engine, not the per-tenant limit
         )
         upgrade(settings.database_url)
         log(f"backbone {bb.fingerprint} on {dev} ({bb.dtype}); seeding 2 x {tasks} tasks across {tenants} tenants ...")

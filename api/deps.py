@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
+from api.ratelimit import Limit, client_address
 from api.state import ServiceState
 from store import logcontext, repo
 from store.db import session_scope
 from store.settings import Settings
 
 __all__ = [
-    "CurrentTenant", "DbSession", "authenticate", "bearer", "current_tenant", "get_session", "get_settings",
-    "get_state", "require_admin",
+    "CurrentTenant", "DbSession", "admin_attempt", "authenticate", "bearer", "current_tenant", "get_session",
+    "get_settings", "get_state", "job_submitter", "require_admin", "take_classify",
 ]
+
+log = logging.getLogger("promptstore.api")
+T = TypeVar("T")
 
 bearer = HTTPBearer(auto_error=False, description="Tenant API key or admin token.")
 _AUTH_HEADERS = {"WWW-Authenticate": "Bearer"}
@@ -78,15 +83,56 @@ def authenticate(s: Session, request: Request, creds: HTTPAuthorizationCredentia
     return CurrentTenant(id=tenant.id, name=tenant.name)
 
 
+def job_submitter(
+    tenant: CurrentTenant = Depends(current_tenant), state: ServiceState = Depends(get_state)
+) -> CurrentTenant:
+    """``current_tenant`` for a call that queues a tuning job: counted against the tenant's job
+    rate (``jobs_per_minute``, ``jobs_burst``), else 429 with Retry-After."""
+    cfg = state.settings
+    state.limiter.take(
+        "jobs", tenant.id, Limit.per_minute(cfg.jobs_per_minute, cfg.jobs_burst),
+        f"tenant {tenant.name!r} is over its rate of tuning jobs ({cfg.jobs_per_minute:g} per minute, "
+        f"{cfg.jobs_burst} at once)",
+    )
+    return tenant
+
+
+def take_classify(state: ServiceState, tenant: CurrentTenant) -> None:
+    """Count one classify request of ``tenant`` (``classify_rate``, ``classify_burst``), else 429."""
+    cfg = state.settings
+    state.limiter.take(
+        "classify", tenant.id, Limit(cfg.classify_rate, cfg.classify_burst),
+        f"tenant {tenant.name!r} is over its classify rate ({cfg.classify_rate:g} requests/s, "
+        f"{cfg.classify_burst} at once)",
+    )
+
+
+def admin_attempt(state: ServiceState, request: Request, verify: Callable[[], T | None]) -> T | None:
+    """Run ``verify``, a check of admin credentials the caller presented, under the limit of
+    failed attempts per client address: once an address has used up its failures
+    (``admin_auth_failures_per_minute``, ``admin_auth_failure_burst``) it gets 429, without
+    its credentials being checked, until the bucket refills. A failure is logged and counted."""
+    cfg = state.settings
+    limit = Limit.per_minute(cfg.admin_auth_failures_per_minute, cfg.admin_auth_failure_burst)
+    address = client_address(request)
+    state.limiter.check("admin-auth", address, limit, "too many failed admin authentications from this address")
+    result = verify()
+    if not result:
+        state.limiter.wait("admin-auth", address, limit)  # count the failure
+        log.warning("admin authentication refused for %s", address)
+    return result
+
+
 def require_admin(
+    request: Request,
     creds: HTTPAuthorizationCredentials | None = Depends(bearer),
-    settings: Settings = Depends(get_settings),
+    state: ServiceState = Depends(get_state),
 ) -> None:
-    """The admin token, else 401."""
+    """The admin token, else 401 (429 after too many wrong ones from the caller's address)."""
     if creds is None or not creds.credentials:
         raise ApiError(401, "missing admin token: send the header 'Authorization: Bearer <admin_token>'", _AUTH_HEADERS)
-    token = settings.admin_token
+    token = state.settings.admin_token
     if not token:
         raise ApiError(401, "admin API disabled: no admin token is configured (PROMPTSTORE_ADMIN_TOKEN)", _AUTH_HEADERS)
-    if not hmac.compare_digest(creds.credentials.encode(), token.encode()):
+    if not admin_attempt(state, request, lambda: hmac.compare_digest(creds.credentials.encode(), token.encode())):
         raise ApiError(401, "invalid admin token", _AUTH_HEADERS)

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sqlalchemy.exc import OperationalError
 
+from api.ratelimit import RateLimited
 from store.archive import DatasetError, ImageError
 from store.objects import ObjectNotFound, ObjectStoreError
 
@@ -81,6 +82,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) and exc.detail else _status_text(exc.status_code)
         return error_response(exc.status_code, detail, getattr(exc, "headers", None))
+
+    @app.exception_handler(RateLimited)
+    async def _rate_limited(_: Request, exc: RateLimited) -> JSONResponse:
+        return error_response(429, exc.detail, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

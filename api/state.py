@@ -17,6 +17,7 @@ from worker import runtime
 
 if TYPE_CHECKING:
     from api.engine import Engine
+    from api.ratelimit import RateLimiter
     from backbone import Backbone
     from store.settings import Settings
     from worker.dispatch import CeleryDispatcher, ThreadDispatcher
@@ -133,4 +134,5 @@ class ServiceState:
     dispatcher: "CeleryDispatcher | ThreadDispatcher"
     registry: CollectorRegistry
     http_metrics: HttpMetrics
+    limiter: "RateLimiter"  # per-tenant and per-address rate limits (api.ratelimit)
     requests: RequestCounter | None = None  # classify requests per tenant, flushed every second

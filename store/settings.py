@@ -61,6 +61,20 @@ class Settings(BaseSettings):
     queue_size: int = Field(
         1024, gt=0, description="Images the inference queue holds; a request past it gets 503 with Retry-After."
     )
+    classify_rate: float = Field(
+        1000.0, ge=0, description="Classify requests per second one tenant may keep up (429 past it); 0: no limit."
+    )
+    classify_burst: int = Field(1000, ge=0, description="Classify requests one tenant may send at once, over the rate.")
+    jobs_per_minute: float = Field(
+        60.0, ge=0, description="Tuning jobs (task creations and retrains) per minute per tenant; 0: no limit."
+    )
+    jobs_burst: int = Field(60, ge=0, description="Tuning jobs one tenant may submit at once, over the rate.")
+    admin_auth_failures_per_minute: float = Field(
+        10.0, ge=0,
+        description="Failed admin-token attempts per minute per client address; past the burst, every admin "
+        "authentication from that address gets 429 until the bucket refills. 0: no limit.",
+    )
+    admin_auth_failure_burst: int = Field(10, ge=0, description="Failed admin-token attempts allowed at once.")
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
     job_threads: int = Field(1, gt=0, description="In-process tuning threads when no broker is configured.")
 

@@ -21,7 +21,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from api.admin import auth, charts, panels
+from api.deps import admin_attempt
 from api.errors import ApiError
+from api.ratelimit import RateLimited
 from api.routes.tasks import delete_task_and_objects
 from api.state import ServiceState
 from store import logcontext, overview, repo
@@ -95,7 +97,11 @@ def _state(request: Request) -> ServiceState:
 
 
 def _admin(request: Request) -> auth.Admin | None:
-    return auth.authenticate(request, _state(request).settings.admin_token)
+    state = _state(request)
+    if not request.headers.get("authorization") or not state.settings.admin_token:
+        return auth.authenticate(request, state.settings.admin_token)  # a session cookie, or nothing presented
+    # Bearer or Basic credentials: a guess of the token, under the failed-attempt limit (429)
+    return admin_attempt(state, request, lambda: auth.authenticate(request, state.settings.admin_token))
 
 
 def _require_api(request: Request) -> auth.Admin:
@@ -184,9 +190,18 @@ def login_form(request: Request, next: str | None = None) -> Response:
 @router.post("/login", response_class=HTMLResponse)
 def login(request: Request, token: str = Form(""), next: str = Form("/admin")) -> Response:
     started = time.perf_counter()
-    configured = _state(request).settings.admin_token
-    if not auth.token_matches(configured, token.strip()):
-        log.warning("admin login refused from %s", request.client.host if request.client else "?")
+    state = _state(request)
+    configured = state.settings.admin_token
+    try:
+        ok = bool(configured) and admin_attempt(state, request, lambda: auth.token_matches(configured, token.strip()))
+    except RateLimited as exc:
+        resp = _render(
+            "login.html", started, status=429, next=_safe_next(next), disabled=False,
+            error=f"Too many wrong tokens from this address: try again in {exc.retry_after} s.",
+        )
+        resp.headers.update(exc.headers)
+        return resp
+    if not ok:
         return _render(
             "login.html", started, status=401, next=_safe_next(next), disabled=not configured,
             error="That is not the admin token." if configured else "The admin dashboard is disabled: no admin token is configured.",

@@ -2,7 +2,8 @@
 
 The handler reads the served version from the database, decodes the images off the event
 loop and hands them to the cross-tenant engine (``api.engine``), which batches them with
-other tenants' requests. A full engine queue is a 503 with Retry-After."""
+other tenants' requests. A tenant over its classify rate gets 429, and a full engine queue
+503, both with Retry-After."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from api.deps import CurrentTenant, authenticate, bearer, get_state
+from api.deps import CurrentTenant, authenticate, bearer, get_state, take_classify
 from api.errors import ApiError
 from api.images import decode_images, read_image_payloads
 from api.engine import PromptUnavailable, QueueFull, ServingRef, StaleVersion
@@ -63,9 +64,10 @@ def classify_target(
     state: ServiceState = Depends(get_state),
 ) -> tuple[CurrentTenant, ServingRef]:
     """The caller's tenant and the task's served version, read in one short session (the
-    hot path: one thread hop and one connection checkout per request); 401, 404 or 409."""
+    hot path: one thread hop and one connection checkout per request); 401, 429, 404 or 409."""
     with session_scope(state.sessionmaker) as s:
         tenant = authenticate(s, request, creds)
+        take_classify(state, tenant)
         info = repo.serving_info(s, task_id, tenant_id=tenant.id)
     return tenant, _ref_of(info, task_id)
 
@@ -93,6 +95,7 @@ def _ref_of(info: repo.ServingInfo | None, task_id: str) -> ServingRef:
     responses={
         401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 409: {"model": ErrorOut},
         413: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": ErrorOut},
+        429: {"model": ErrorOut, "description": "Over the tenant's classify rate (see Retry-After)."},
     },
 )
 async def classify(

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
 from sqlalchemy.orm import Session
 
-from api.deps import CurrentTenant, DbSession, current_tenant, get_state
+from api.deps import CurrentTenant, DbSession, current_tenant, get_state, job_submitter
 from api.errors import ApiError
 from api.schemas import ErrorOut, TaskList, TaskPublic, task_public
 from api.state import ServiceState
@@ -32,6 +32,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut, "description": "Missing or invalid API key."},
     404: {"model": ErrorOut, "description": "Unknown task (or another tenant's)."},
 }
+_LIMITED = {429: {"model": ErrorOut, "description": "Over the tenant's rate of tuning jobs (see Retry-After)."}}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -144,7 +145,7 @@ def get_own_task(s: Session, task_id: str, tenant: CurrentTenant) -> Any:
 # --------------------------------------------------------------------------- routes
 
 
-@router.post("", status_code=202, response_model=TaskPublic, responses={**_ERRORS, 413: {"model": ErrorOut}, 422: {"model": ErrorOut}})
+@router.post("", status_code=202, response_model=TaskPublic, responses={**_ERRORS, **_LIMITED, 413: {"model": ErrorOut}, 422: {"model": ErrorOut}})
 def create_task(
     s: DbSession,
     name: str = Form(..., min_length=1, max_length=200, description="Task name."),
@@ -152,7 +153,7 @@ def create_task(
     dataset: UploadFile | None = File(None, description="Zip of class folders (required but for zeroshot)."),
     classes: str | None = Form(None, description='JSON list of class names (zeroshot only), e.g. ["cat", "dog"].'),
     config: str | None = Form(None, description="JSON object of method hyperparameters."),
-    tenant: CurrentTenant = Depends(current_tenant),
+    tenant: CurrentTenant = Depends(job_submitter),
     state: ServiceState = Depends(get_state),
 ) -> TaskPublic:
     """Create a task from a labelled dataset (or class names for zeroshot) and queue its tuning."""
@@ -184,13 +185,16 @@ def get_task(task_id: str, s: DbSession, tenant: CurrentTenant = Depends(current
     return task_public(get_own_task(s, task_id, tenant))
 
 
-@router.post("/{task_id}/retrain", status_code=202, response_model=TaskPublic, responses={**_ERRORS, 409: {"model": ErrorOut}})
+@router.post(
+    "/{task_id}/retrain", status_code=202, response_model=TaskPublic,
+    responses={**_ERRORS, **_LIMITED, 409: {"model": ErrorOut}},
+)
 def retrain_task(
     s: DbSession,
     task_id: str,
     dataset: UploadFile | None = File(None, description="A new dataset zip; omitted: keep the current one."),
     config: str | None = Form(None, description="A new config JSON object; omitted: keep the current one."),
-    tenant: CurrentTenant = Depends(current_tenant),
+    tenant: CurrentTenant = Depends(job_submitter),
     state: ServiceState = Depends(get_state),
 ) -> TaskPublic:
     """Start a new tuning run; it becomes the next prompt version. A task that serves a

@@ -32,7 +32,9 @@ def _csrf(html: str) -> str:
 
 @pytest.fixture
 def api_with_task(settings_factory: Any, make_api: Any) -> tuple[Any, dict[str, str], str]:
-    api = make_api(settings_factory())
+    # These tests try wrong credentials on every page: no limit on failed admin attempts
+    # here (tests/api/test_api_rate_limits.py covers it).
+    api = make_api(settings_factory(admin_auth_failures_per_minute=0))
     tenant = api.tenant("acme")
     task = api.create_task(tenant, "zeroshot", classes=["cat", "dog"], name=SECRET_NAME).json()
     api.wait_ready(tenant, task["id"])
