@@ -11,7 +11,9 @@ import logging
 import os
 import secrets
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -161,10 +163,36 @@ def worker(
 
     celery_app.conf.broker_url = settings.broker_url
     pool = "solo" if concurrency == 1 else "prefork"
+    _preload_backbone_in_job_processes(settings, pool)
     celery_app.worker_main(
         ["worker", f"--loglevel={loglevel}", f"--concurrency={concurrency}", f"--pool={pool}", "--without-gossip",
          "--without-mingle", "-Q", "promptstore"]
     )
+
+
+def _preload_backbone_in_job_processes(settings: Any, pool: str) -> None:
+    """Start loading the backbone as soon as a process that runs jobs exists (this one for the
+    solo pool, each child for prefork), in a background thread: the first job does not pay for
+    the load, and a backbone that cannot load is in the log at start, not at the first job.
+    A job arriving meanwhile waits for the same load (``runtime.get_backbone``); a failed load
+    is retried by the job, which fails with the same clear error."""
+    from worker import runtime
+
+    def load() -> None:
+        try:
+            runtime.get_backbone(settings.backbone, settings.device)
+        except Exception as exc:  # BackboneError and the like: the job will say it again
+            logging.getLogger("promptstore.worker").error("backbone %s failed to load: %s", settings.backbone, exc)
+
+    def start(**_: Any) -> None:
+        threading.Thread(target=load, name="promptstore-backbone-preload", daemon=True).start()
+
+    if pool == "solo":
+        start()
+    else:  # Celery kills a child whose init takes over 4 s: the load must not block it
+        from celery.signals import worker_process_init
+
+        worker_process_init.connect(start, weak=False)
 
 
 @app.command()
