@@ -7,8 +7,8 @@ stays within ``burst/rate`` seconds of now. With ``PROMPTSTORE_REDIS_URL`` set t
 live in Redis and one Lua script reads and updates a key atomically on Redis's own clock, so
 every replica draws from the same bucket; without it, in this process's memory. A Redis that
 cannot be reached lets calls through (logged, and counted in
-``promptstore_rate_limit_errors_total``): the limits protect the service, they must not take
-it down with them.
+``promptstore_rate_limit_errors_total``) and is tried again ``REDIS_RETRY_S`` later: the limits
+protect the service, they must not take it down, or slow it, with them.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ log = logging.getLogger("promptstore.api")
 
 #: Redis keys: ``promptstore:ratelimit:<scope>:<key>``.
 KEY_PREFIX = "promptstore:ratelimit"
+#: After a Redis error, calls go through unchecked for this long before Redis is tried again.
+REDIS_RETRY_S = 5.0
 
 # KEYS[1]: the bucket; ARGV: seconds per call, burst, 1 to take a call (0: only look).
 # Returns "0" when allowed (and taken), else the seconds until it would be, as a string
@@ -90,6 +92,7 @@ class RateLimiter:
         self._lock = threading.Lock()
         self._tat: dict[str, float] = {}
         self._last_warning = 0.0
+        self._skip_redis_until = 0.0
         self._redis = None
         self._script = None
         if redis_url:
@@ -110,11 +113,14 @@ class RateLimiter:
         bucket = f"{KEY_PREFIX}:{scope}:{key}"
         interval = 1.0 / limit.rate
         if self._script is not None:
+            if time.monotonic() < self._skip_redis_until:
+                return 0.0  # Redis failed a moment ago: do not make every call wait on its timeout
             try:
                 return float(self._script(keys=[bucket], args=[repr(interval), limit.burst, 1 if take else 0]))
             except Exception as exc:  # redis errors: let the call through, see the module docstring
                 self.errors.inc()
                 now = time.monotonic()
+                self._skip_redis_until = now + REDIS_RETRY_S
                 if now - self._last_warning > 30:
                     self._last_warning = now
                     log.warning("rate limits are not enforced: Redis is unreachable (%s)", exc)

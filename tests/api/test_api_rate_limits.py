@@ -58,11 +58,18 @@ def test_redis_bucket_is_shared_by_replicas(redis_url: str) -> None:
     assert 0 < one.wait(scope, "k", limit) <= 0.2
 
 
-def test_unreachable_redis_lets_calls_through() -> None:
+def test_unreachable_redis_lets_calls_through_and_is_tried_again_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    from api import ratelimit
+
+    now = [1000.0]
+    monkeypatch.setattr("api.ratelimit.time.monotonic", lambda: now[0])
     registry = CollectorRegistry()
     rl = RateLimiter("redis://127.0.0.1:1/0", registry)  # nothing listens on port 1
     assert [rl.wait("s", "k", Limit(1.0, 1)) for _ in range(3)] == [0.0, 0.0, 0.0]
-    assert registry.get_sample_value("promptstore_rate_limit_errors_total") == 3
+    assert registry.get_sample_value("promptstore_rate_limit_errors_total") == 1  # not tried again at once
+    now[0] += ratelimit.REDIS_RETRY_S + 0.1
+    assert rl.wait("s", "k", Limit(1.0, 1)) == 0.0
+    assert registry.get_sample_value("promptstore_rate_limit_errors_total") == 2
 
 
 def test_classify_over_the_tenant_rate_gets_429_and_other_tenants_go_on(settings_factory: Any, make_api: Any) -> None:
