@@ -13,7 +13,7 @@ from api.errors import install_error_handlers
 from api.engine import Engine
 from api.middleware import FORM_OVERHEAD_BYTES, BodyLimitMiddleware, HttpMetrics, MetricsMiddleware
 from api.ratelimit import RateLimiter
-from api.state import BackboneHolder, RequestCounter, ServiceState
+from api.state import RequestCounter, ServiceState
 from store.settings import Settings, get_settings
 from worker import runtime
 from worker.dispatch import CeleryDispatcher, ThreadDispatcher, make_dispatcher
@@ -42,7 +42,7 @@ def create_app(
     settings = settings or get_settings()
     registry = CollectorRegistry()
     http_metrics = HttpMetrics(registry)
-    backbone = BackboneHolder(settings.backbone, settings.device)
+    backbone = runtime.BackboneHolder(settings.backbone, settings.device)
     objects = runtime.get_object_store(settings)
     sm = runtime.get_sessionmaker(settings.database_url)
     state = ServiceState(

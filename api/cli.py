@@ -11,7 +11,6 @@ import logging
 import os
 import secrets
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -172,20 +171,13 @@ def worker(
 
 def _preload_backbone_in_job_processes(settings: Any, pool: str) -> None:
     """Start loading the backbone as soon as a process that runs jobs exists (this one for the
-    solo pool, each child for prefork), in a background thread: the first job does not pay for
-    the load, and a backbone that cannot load is in the log at start, not at the first job.
-    A job arriving meanwhile waits for the same load (``runtime.get_backbone``); a failed load
-    is retried by the job, which fails with the same clear error."""
-    from worker import runtime
-
-    def load() -> None:
-        try:
-            runtime.get_backbone(settings.backbone, settings.device)
-        except Exception as exc:  # BackboneError and the like: the job will say it again
-            logging.getLogger("promptstore.worker").error("backbone %s failed to load: %s", settings.backbone, exc)
+    solo pool, each child for prefork), in the background: the first job does not pay for the
+    load, and a backbone that cannot load is in the log at start. A job arriving meanwhile waits
+    for the same load; a failed load is tried again by the job, which fails with the reason."""
+    from worker.runtime import BackboneHolder
 
     def start(**_: Any) -> None:
-        threading.Thread(target=load, name="promptstore-backbone-preload", daemon=True).start()
+        BackboneHolder(settings.backbone, settings.device).start()
 
     if pool == "solo":
         start()

@@ -115,7 +115,9 @@ def admin_attempt(state: ServiceState, request: Request, verify: Callable[[], T 
     cfg = state.settings
     limit = Limit.per_minute(cfg.admin_auth_failures_per_minute, cfg.admin_auth_failure_burst)
     address = client_address(request)
-    state.limiter.check("admin-auth", address, limit, "too many failed admin authentications from this address")
+    state.limiter.take(
+        "admin-auth", address, limit, "too many failed admin authentications from this address", count=False
+    )
     result = verify()
     if not result:
         state.limiter.wait("admin-auth", address, limit)  # count the failure

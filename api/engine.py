@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from api.state import BackboneHolder
+    from worker.runtime import BackboneHolder
     from backbone import Backbone, ResidentPrompt
     from store.objects import ObjectStore
 

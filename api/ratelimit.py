@@ -67,10 +67,10 @@ class Limit:
 class RateLimited(Exception):
     """The call is over its limit; ``retry_after`` is whole seconds until one is allowed."""
 
-    def __init__(self, detail: str, retry_after: float) -> None:
-        super().__init__(detail)
-        self.detail = detail
+    def __init__(self, limit: str, retry_after: float) -> None:
         self.retry_after = max(1, int(retry_after + 0.999))
+        self.detail = f"{limit}; retry in {self.retry_after} s"
+        super().__init__(self.detail)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -91,6 +91,7 @@ class RateLimiter:
         )
         self._lock = threading.Lock()
         self._tat: dict[str, float] = {}
+        self._prune_at = 0.0
         self._last_warning = 0.0
         self._skip_redis_until = 0.0
         self._redis = None
@@ -133,23 +134,18 @@ class RateLimiter:
                 return allow_at - now
             if take:
                 self._tat[bucket] = tat + interval
-                if len(self._tat) > 10_000:  # forget the buckets that are full again
+                if now >= self._prune_at:  # forget the buckets that are full again
                     self._tat = {k: v for k, v in self._tat.items() if v > now}
+                    self._prune_at = now + 60.0
             return 0.0
 
-    def take(self, scope: str, key: str, limit: Limit, detail: str) -> None:
-        """Count one call, or raise ``RateLimited`` with ``detail`` and the wait."""
-        wait = self.wait(scope, key, limit)
+    def take(self, scope: str, key: str, limit: Limit, detail: str, *, count: bool = True) -> None:
+        """Count one call (only look, without ``count``), or raise ``RateLimited`` saying
+        ``detail`` and the wait."""
+        wait = self.wait(scope, key, limit, take=count)
         if wait > 0:
             self.refused.labels(scope).inc()
-            raise RateLimited(f"{detail}; retry in {max(1, int(wait + 0.999))} s", wait)
-
-    def check(self, scope: str, key: str, limit: Limit, detail: str) -> None:
-        """Raise ``RateLimited`` if a call under ``key`` would be refused now; counts nothing."""
-        wait = self.wait(scope, key, limit, take=False)
-        if wait > 0:
-            self.refused.labels(scope).inc()
-            raise RateLimited(f"{detail}; retry in {max(1, int(wait + 0.999))} s", wait)
+            raise RateLimited(detail, wait)
 
 
 def client_address(request: Request) -> str:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from store.settings import Settings
 
 log = logging.getLogger("promptstore.worker")
+_backbone_log = logging.getLogger("promptstore.backbone")
 
 _lock = threading.Lock()
 _backbone_locks: dict[tuple[str, str | None], threading.Lock] = {}
@@ -81,3 +82,50 @@ def get_object_store(settings: "Settings") -> ObjectStore:
             objects = open_object_store(settings)
             _object_stores[key] = objects
         return objects
+
+
+class BackboneNotReady(Exception):
+    """The backbone is still loading, or failed to load (the message says which)."""
+
+
+class BackboneHolder:
+    """Loads the process's backbone in a background thread at start: an API process answers
+    /healthz (and /readyz says "loading") while big weights load, and a worker's first job
+    does not wait for the load it would otherwise start."""
+
+    def __init__(self, spec: str, device: str | None) -> None:
+        self.spec = spec
+        self.device = device
+        self._thread: threading.Thread | None = None
+        self._error: str | None = None
+        self._done = threading.Event()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._load, name="promptstore-backbone", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        try:
+            get_backbone(self.spec, self.device)
+        except Exception as exc:  # BackboneError and the like: said in /readyz and the log
+            _backbone_log.error("backbone %s failed to load: %s", self.spec, exc)
+            self._error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._done.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def get(self) -> "Backbone":
+        bb = loaded_backbone(self.spec, self.device)
+        if bb is not None:
+            return bb
+        if self._error is not None:
+            raise BackboneNotReady(f"backbone failed to load ({self._error.split(':')[0]})")
+        raise BackboneNotReady("backbone is still loading")
+
+    @property
+    def error(self) -> str | None:
+        return self._error

@@ -13,7 +13,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from api.state import BackboneNotReady, ServiceState
+from api.state import ServiceState
+from worker.runtime import BackboneNotReady
 
 log = logging.getLogger("promptstore.api")
 

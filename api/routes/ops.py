@@ -11,7 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from api.deps import get_state
-from api.state import BackboneNotReady, ServiceState
+from api.state import ServiceState
+from worker.runtime import BackboneNotReady
 from store.db import session_scope
 
 log = logging.getLogger("promptstore.api")

@@ -130,7 +130,6 @@ def test_wrong_admin_tokens_lock_the_address_out_then_even_the_right_one_gets_42
     assert int(page.headers["Retry-After"]) >= 55
     assert api.client.get("/admin", headers=ADMIN).status_code == 429
     assert api.client.get("/admin/login").status_code == 200  # the form itself still shows
-    # tenants are not affected: their keys are not the admin token
     metrics = api.client.get("/metrics").text
     assert 'promptstore_rate_limited_total{scope="admin-auth"} 4.0' in metrics
 
