@@ -18,7 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sqlalchemy.exc import OperationalError
 
 from api.ratelimit import RateLimited
-from store.archive import DatasetError, ImageError
+from store.archive import DatasetError
+from store.images import ImageError
 from store.objects import ObjectNotFound, ObjectStoreError
 
 log = logging.getLogger("promptstore.api")

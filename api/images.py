@@ -17,7 +17,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from api.errors import ApiError
-from store.archive import ImageError, decode_image
+from store.images import ImageError, decode_image
 
 _WS = re.compile(r"\s+")
 _URLSAFE = re.compile(r"[A-Za-z0-9_-]+={0,2}")
