@@ -45,10 +45,8 @@ def test_bad_specs_say_what_is_wrong(spec, needle):
         load_backbone(spec, device="cpu")
 
 
-def test_tiny_starts_in_seconds_and_is_frozen(tiny):
-    t = time.perf_counter()
+def test_tiny_loads_deterministically_and_is_frozen(tiny):
     bb = load_backbone(TINY, device="cpu")
-    assert time.perf_counter() - t < 5.0
     assert bb.fingerprint == tiny.fingerprint  # deterministic random init
     assert bb.spec == "open_clip:tiny:random@0"
     assert bb.fingerprint.startswith(bb.spec + "#")
@@ -189,19 +187,34 @@ def test_wrong_checkpoint_is_a_clear_error(tmp_path):
 def test_auto_falls_back_to_random_and_says_so(monkeypatch, caplog):
     monkeypatch.setattr(loading_mod, "_openclip_cached_file", lambda arch, tag: None)
     monkeypatch.setattr(loading_mod, "_network_reachable", lambda timeout=3.0: False)
-    t = time.perf_counter()
     with caplog.at_level("WARNING", logger="backbone.loading"):
         bb = load_backbone("auto", device="cpu")
-    assert time.perf_counter() - t < 30
     assert bb.spec == "open_clip:ViT-B-32:random@0" and bb.weights == "random"
     assert bb.notice and "RANDOM" in bb.notice
     assert any("RANDOM" in r.getMessage() for r in caplog.records)
 
 
-def test_network_probe_is_bounded():
-    t = time.perf_counter()
-    loading_mod._network_reachable(timeout=0.5)
-    assert time.perf_counter() - t < 2.0
+def test_network_probe_is_bounded(monkeypatch):
+    # bounded by construction: every connect gets the timeout, and the caller waits on the
+    # probe thread for at most the sum of those timeouts (checked as arguments, not seconds)
+    connects: list[float] = []
+    joins: list[float] = []
+
+    def refuse(address, timeout=None):
+        connects.append(timeout)
+        raise OSError("unreachable")
+
+    real_join = loading_mod.threading.Thread.join
+
+    def join(self, timeout=None):
+        joins.append(timeout)
+        return real_join(self, timeout)
+
+    monkeypatch.setattr(loading_mod.socket, "create_connection", refuse)
+    monkeypatch.setattr(loading_mod.threading.Thread, "join", join)
+    assert loading_mod._network_reachable(timeout=0.5) is False
+    assert connects == [0.5] * len(loading_mod._PROBE_HOSTS)
+    assert joins and joins[0] is not None and joins[0] <= 0.5 * len(loading_mod._PROBE_HOSTS) + 0.5
 
 
 def test_bad_device():
