@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from api.docs_ui import install_docs
 from api.errors import install_error_handlers
 from api.engine import Engine
 from api.middleware import FORM_OVERHEAD_BYTES, BodyLimitMiddleware, HttpMetrics, MetricsMiddleware
@@ -89,9 +90,12 @@ def create_app(
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served by install_docs with local assets (no CDN)
+        redoc_url=None,
     )
     app.state.ps = state
     install_error_handlers(app)
+    install_docs(app)
 
     from api.routes import classify, ops, tasks, tenants
 
