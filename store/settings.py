@@ -1,6 +1,6 @@
 """Service settings: one pydantic-settings class read from ``PROMPTSTORE_*`` variables.
 
-The table in API.md is the contract; every field here is documented next to its default.
+Every field is documented next to its default here and in docs/settings.md.
 Inject through ``Depends(get_settings)`` so tests can override it.
 """
 

@@ -29,7 +29,7 @@ def promptstore_exe() -> str:
 
 def settings_env(settings: Any = None, **extra: str) -> dict[str, str]:
     """This process's environment without any ``PROMPTSTORE_*`` variable, plus the
-    variables of API.md for ``settings`` (those that are set) and ``extra``; one torch
+    PROMPTSTORE_ variables (docs/settings.md) for ``settings`` (those that are set) and ``extra``; one torch
     thread, unbuffered output."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTSTORE_")}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")

@@ -1,4 +1,4 @@
-"""Who may see the admin pages: the holder of the admin token (API.md), in one of three ways.
+"""Who may see the admin pages: the holder of the admin token (docs/settings.md), in one of three ways.
 
 - ``Authorization: Bearer <admin_token>`` (scripts; needs no CSRF token: browsers never
   add that header on their own);

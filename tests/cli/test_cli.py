@@ -1,5 +1,5 @@
 """The ``promptstore`` command line as a user runs it: real subprocesses of the installed
-console script, in a fresh working folder, with only the environment variables of API.md.
+console script, in a fresh working folder, with only the PROMPTSTORE_ environment variables.
 
 - ``tenant create NAME``: one JSON object on stdout; a duplicate name is a clear error.
 - ``migrate`` against a fresh Postgres database; ``tenant create`` then works there.

@@ -411,7 +411,7 @@ def _deploy_files() -> list[Path]:
 
 
 def test_no_auto_backbone_anywhere():
-    """API.md: deploy files never use `auto` (nor random weights)."""
+    """docs/backbones.md: deploy files never use `auto` (nor random weights)."""
     auto = re.compile(r"BACKBONE\W{0,3}[:=]\s*[\"']?(auto|[\w-]+:[\w.-]+:random)\b", re.I)
     specs = re.compile(r"BACKBONE\W{0,3}[:=]\s*[\"']?([^\s\"'}]+)")
     seen = 0

@@ -1,4 +1,4 @@
-"""store.settings: defaults from API.md, the PROMPTSTORE_ prefix, placeholder secrets refused."""
+"""store.settings: the documented defaults (docs/settings.md), the PROMPTSTORE_ prefix, placeholder secrets refused."""
 
 from __future__ import annotations
 

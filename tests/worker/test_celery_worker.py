@@ -22,7 +22,7 @@ CLASSES = ("bird", "cat", "dog")
 @pytest.fixture(scope="module")
 def stack(pg_url: str, redis_url: str, s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Process]]:
     """Settings on Postgres + a fresh S3 bucket + the Redis broker, and a `promptstore worker`
-    subprocess started with the same settings as environment variables (API.md)."""
+    subprocess started with the same settings as environment variables (docs/settings.md)."""
     from store.migrate import upgrade
     from store.settings import Settings
 
