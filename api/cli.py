@@ -133,6 +133,10 @@ def serve(
     if generated:
         typer.echo(f"Generated admin token (kept in {ADMIN_TOKEN_FILE}; set PROMPTSTORE_ADMIN_TOKEN to choose one):")
         typer.echo(token)
+    elif settings.admin_token:
+        log.info("admin token: from PROMPTSTORE_ADMIN_TOKEN")
+    else:
+        log.info("admin token: kept in %s (set PROMPTSTORE_ADMIN_TOKEN to choose one)", ADMIN_TOKEN_FILE.resolve())
     settings = settings.model_copy(update={"admin_token": token})
     if not settings.broker_url:
         log.info("no PROMPTSTORE_BROKER_URL: tuning jobs run in this process (%d thread(s))", settings.job_threads)
@@ -196,10 +200,41 @@ def migrate() -> None:
     log.info("database is at the latest revision")
 
 
+def _require_index(database_url: str) -> None:
+    """Refuse, naming where it looked, unless ``database_url`` is an existing database migrated
+    to the code's revision. Only ``serve`` (on the embedded default) and ``migrate`` create one:
+    a command run from the wrong folder must not quietly make a new, empty index."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError
+
+    from store.migrate import current_revision, head_revision
+
+    url = make_url(database_url)
+    where = url.render_as_string(hide_password=True)
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        path = Path(url.database).resolve()
+        where = str(path)
+        if not path.is_file():
+            _fail(
+                f"no database at {path} (PROMPTSTORE_DATABASE_URL={database_url}); run this command in the "
+                "folder where `promptstore serve` runs, or set PROMPTSTORE_DATABASE_URL to its database",
+                1,
+            )
+    try:
+        current = current_revision(database_url)
+    except OperationalError as exc:
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        _fail(f"cannot reach the database {where}: {reason}", 1)
+    head = head_revision()
+    if current != head:
+        state = "is not migrated" if current is None else f"is at revision {current}, the code needs {head}"
+        _fail(f"the database {where} {state}; run `promptstore migrate` first", 1)
+
+
 @tenant_app.command("create")
 def tenant_create(name: str = typer.Argument(..., help="Unique tenant name.")) -> None:
     """Create a tenant; prints {"id", "name", "api_key"} as one JSON object. The key is shown
-    only here and stored only as a hash."""
+    only here and stored only as a hash. Needs the service's migrated database."""
     settings = _settings()
     setup_logging(settings.log_format, logging.WARNING)
     from sqlalchemy.exc import OperationalError, ProgrammingError
@@ -207,8 +242,7 @@ def tenant_create(name: str = typer.Argument(..., help="Unique tenant name.")) -
     from store import repo
     from store.db import make_engine, make_sessionmaker, session_scope
 
-    if settings.is_embedded_db:
-        _migrate(settings.database_url)
+    _require_index(settings.database_url)
     engine = make_engine(settings.database_url)
     try:
         with session_scope(make_sessionmaker(engine)) as s:

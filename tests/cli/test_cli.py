@@ -58,13 +58,29 @@ def _one_json_object(stdout: str) -> dict[str, Any]:
     return obj
 
 
+def test_tenant_create_never_makes_a_new_database(tmp_path: Path) -> None:
+    # Run from a folder without the service's database: refused, naming the path it looked
+    # at, and nothing is created (a new empty index would print a key the server rejects).
+    r = run_cli(["tenant", "create", "acme"], env=_env(), cwd=tmp_path)
+    assert r.returncode == 1 and r.stdout.strip() == "" and "Traceback" not in r.stderr
+    assert f"no database at {tmp_path.resolve() / 'var' / 'promptstore.db'}" in r.stderr
+    assert "promptstore serve" in r.stderr
+    assert not (tmp_path / "var").exists()
+
+    # An existing file that is not a migrated database: refused with the next step.
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "promptstore.db").write_bytes(b"")
+    r = run_cli(["tenant", "create", "acme"], env=_env(), cwd=tmp_path)
+    assert r.returncode == 1 and "is not migrated" in r.stderr and "promptstore migrate" in r.stderr
+
+
 def test_tenant_create_prints_one_json_object_and_refuses_a_duplicate(tmp_path: Path) -> None:
+    assert run_cli(["migrate"], env=_env(), cwd=tmp_path).returncode == 0
     r = run_cli(["tenant", "create", "acme"], env=_env(), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     out = _one_json_object(r.stdout)
     assert set(out) == {"id", "name", "api_key"} and out["name"] == "acme"
     assert out["id"] and len(out["api_key"]) >= 32
-    # The embedded default database was created (and migrated) in the working folder.
     assert (tmp_path / "var" / "promptstore.db").is_file()
     # The key is stored only as a hash.
     assert out["api_key"].encode() not in (tmp_path / "var" / "promptstore.db").read_bytes()
