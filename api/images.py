@@ -84,7 +84,9 @@ def _b64(i: int, item: Any) -> bytes:
 
 
 def decode_images(payloads: list[bytes], max_pixels: int) -> list[Image.Image]:
-    """Decode every payload to RGB (GIF: first frame) or raise ApiError naming the index."""
+    """Decode every payload with ``store.images.decode_image`` (upright, first frame, 8-bit
+    sRGB RGB; docs/inputs.md "Images") or raise ApiError naming the index: 413 for a size
+    limit, 422 for an empty, unaccepted, truncated or damaged image."""
     out = []
     for i, data in enumerate(payloads):
         if not data:

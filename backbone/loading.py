@@ -1,4 +1,4 @@
-"""Loading the frozen backbone from a spec string (grammar in shared/API.md).
+"""Loading the frozen backbone from a spec string (grammar in docs/backbones.md).
 
     LIBRARY:ARCH:WEIGHTS   LIBRARY in {open_clip, timm}
     WEIGHTS = pretrained tag | path to .safetensors/.pt/.pth/.bin | random | random@SEED
@@ -171,8 +171,9 @@ class Backbone:
         self.weights_sha256 = digest
         self.fingerprint = f"{spec}#{digest[:FINGERPRINT_HEX]}"
         self.notice = notice
-        self._preprocess_fn = preprocess_fn
-        self._fast_preprocess = FastPreprocess.of(preprocess_fn)
+        self._preprocess_fn = preprocess_fn  # the library's eval transform, as loaded
+        self._bounded_fn = bounded_transform(preprocess_fn)  # the same, at a bounded cost per image
+        self._fast_preprocess = FastPreprocess.of(self._bounded_fn)
         self._tokenizer = tokenizer
         if library == "open_clip":
             self.vision: VisionAdapter = OpenClipVision(model.visual)
@@ -204,11 +205,14 @@ class Backbone:
 
     def preprocess(self, img: "Image.Image") -> torch.Tensor:
         """PIL image -> (3, S, S) float32 CPU tensor, as the library's eval transform does it
-        (bit for bit: see ``FastPreprocess``)."""
+        (bit for bit: see ``FastPreprocess``), at a cost bounded by S rather than by the
+        image's aspect ratio: an image more elongated than ``PLAIN_ASPECT_LIMIT`` is resized
+        only where the center crop looks (see ``bounded_transform``), which gives the same
+        tensor up to the last bits of the resampling weights."""
         img = img.convert("RGB")
         if self._fast_preprocess is not None:
             return self._fast_preprocess(img)
-        return self._preprocess_fn(img).to(torch.float32)
+        return self._bounded_fn(img).to(torch.float32)
 
     def preprocess_batch(self, images: "list[Image.Image]") -> torch.Tensor:
         """PIL images -> (n, 3, S, S) float32 CPU tensor, each as ``preprocess`` makes it. On the
@@ -240,6 +244,28 @@ class Backbone:
         assert self._tokenizer is not None
         return self._tokenizer(texts).to(self.device)
 
+    @property
+    def text_tokens(self) -> "TextTokens | None":
+        """Untruncated token counts of this backbone's tokenizer; None without a text tower."""
+        if not self.has_text:
+            return None
+        if getattr(self, "_text_tokens", None) is None:
+            self._text_tokens = TextTokens(self._tokenizer, getattr(self.model, "context_length", None))
+        return self._text_tokens
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens of each text as the text encoder would need them (SOT and EOT included), before
+        ``tokenize`` cuts them to the context length ``text_context_length``."""
+        self.require_text("counting text tokens")
+        assert self.text_tokens is not None
+        return self.text_tokens.count(texts)
+
+    @property
+    def text_context_length(self) -> int:
+        self.require_text("the text context length")
+        assert self.text_tokens is not None
+        return self.text_tokens.context_length
+
     def encode_text(self, texts: list[str]) -> torch.Tensor:  # -> (T, E) model dtype
         text = self.require_text("encoding text")
         return text.encode(self.tokenize(texts))
@@ -258,6 +284,65 @@ class Backbone:
         from .serving import prepare_resident
 
         return prepare_resident(self, prompt)
+
+
+class TextTokens:
+    """A text tokenizer's untruncated view: the ids it makes of each text (SOT and EOT
+    included) before the cut to ``context_length`` that ``tokenize`` does silently.
+
+    Needs only the tokenizer, not the weights (``text_tokens_for_spec``)."""
+
+    def __init__(self, tokenizer: Any, context_length: int | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.context_length = int(context_length or getattr(tokenizer, "context_length", None) or 77)
+
+    def ids(self, texts: list[str]) -> list[list[int]]:
+        tok = self.tokenizer
+        if hasattr(tok, "encode") and hasattr(tok, "sot_token_id") and getattr(tok, "reduction_fn", None) is None:
+            # open_clip's SimpleTokenizer: exactly what its __call__ builds before truncating
+            return [[tok.sot_token_id, *tok.encode(t), tok.eot_token_id] for t in texts]
+        inner = getattr(tok, "tokenizer", None)
+        clean = getattr(tok, "clean_fn", None)
+        if inner is not None and callable(clean):  # open_clip's HFTokenizer
+            return [list(inner(clean(t), truncation=False)["input_ids"]) for t in texts]
+        wide = tok(texts, context_length=64 * self.context_length)  # anything else: a context that never cuts
+        return [row[row != 0].tolist() for row in wide]
+
+    def count(self, texts: list[str]) -> list[int]:
+        return [len(x) for x in self.ids(texts)]
+
+    def decode(self, ids: list[int]) -> str | None:
+        """The text the tokenizer reads in ``ids`` (as ``ids`` returns them), for messages; None
+        when the tokenizer cannot say."""
+        tok = self.tokenizer
+        special = {getattr(tok, "sot_token_id", None), getattr(tok, "eot_token_id", None)}
+        try:
+            return " ".join(str(tok.decode([i for i in ids if i not in special])).split())
+        except Exception:
+            return None
+
+
+_TEXT_TOKENS: dict[str, "TextTokens | None"] = {}
+
+
+def text_tokens_for_spec(spec: str) -> "TextTokens | None":
+    """The tokenizer of backbone ``spec`` without loading its weights (None: no text tower).
+    'auto' and its fallback share one architecture. Raises BackboneError for a bad spec."""
+    parsed = parse_spec(AUTO_SPEC if spec.strip() == "auto" else spec.strip())
+    library, arch = parsed.library, parsed.arch
+    key = f"{library}:{arch}"
+    if key not in _TEXT_TOKENS:
+        if library != "open_clip":
+            _TEXT_TOKENS[key] = None
+        else:
+            import open_clip
+
+            register_model_configs()
+            cfg = open_clip.get_model_config(arch)
+            if cfg is None:
+                raise BackboneError(f"unknown open_clip architecture {arch!r}")
+            _TEXT_TOKENS[key] = TextTokens(open_clip.get_tokenizer(arch))
+    return _TEXT_TOKENS[key]
 
 
 # ---------------------------------------------------------------- loading
@@ -416,6 +501,137 @@ def _load_timm(parsed: ParsedSpec) -> tuple[nn.Module, Callable, None, str | Non
         raise BackboneError(f"could not load weights {parsed.resolved}: {_short(exc)}") from None
     preprocess = create_transform(**resolve_data_config({}, model=model))
     return model, preprocess, None, source_file
+
+
+#: Resized images up to this aspect ratio (long side / short side) take the library's own
+#: resize-then-crop, bit for bit; more elongated ones are resized only where the crop looks.
+#: The library's way materialises the whole resized image, S x (S * aspect): a 65536 x 1
+#: strip on a 224-pixel backbone would be 224 x 14.7 million pixels (13 GB).
+PLAIN_ASPECT_LIMIT = 2.0
+
+
+def _pil_filter(interpolation: Any) -> Any:
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.functional import pil_modes_mapping
+
+    mode = interpolation if isinstance(interpolation, InterpolationMode) else InterpolationMode(interpolation)
+    return pil_modes_mapping[mode]
+
+
+_ORDER_PROBE: list[bool] = []
+
+
+def _pillow_picks_smaller_pass() -> bool:
+    """Whether this Pillow runs a two-axis resize vertical-first when the height shrinks and
+    that intermediate is smaller (Pillow 13 does; older ones always go horizontal-first). Probed once on a
+    random 64 x 64 image whose two orders give different pixels."""
+    if not _ORDER_PROBE:
+        import numpy as np
+        from PIL import Image
+
+        img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+        both = np.asarray(img.resize((128, 16), Image.Resampling.BICUBIC))
+        v_first = np.asarray(img.resize((64, 16), Image.Resampling.BICUBIC).resize((128, 16), Image.Resampling.BICUBIC))
+        _ORDER_PROBE.append(bool(np.array_equal(both, v_first)))
+    return _ORDER_PROBE[0]
+
+
+def _horizontal_first(w: int, h: int, out_w: int, out_h: int) -> bool:
+    """The order Pillow's ``resize`` of a whole ``w x h`` image to ``out_w x out_h`` uses:
+    vertical first when the height shrinks and that makes the intermediate smaller."""
+    return not _pillow_picks_smaller_pass() or not (out_h < h and w * out_h < out_w * h)
+
+
+class BoundedResizeCrop:
+    """torchvision ``Resize(s)`` (shortest side to ``s``) then ``CenterCrop``, at a bounded cost.
+
+    For an image whose resized shape is at most ``PLAIN_ASPECT_LIMIT`` times longer than
+    wide, it calls the two library steps as they are (bit for bit the library's result).
+    For a more elongated one it resizes only the window of the long axis that the center
+    crop keeps: it cuts the band of source pixels the resampling filter reads for that
+    window (window plus the filter's support), then runs Pillow's two resampling passes on
+    the band, in the order Pillow uses for the whole image, with the window as ``box``.
+    Same output pixel centres, filter and intermediate rounding as the library, up to the
+    float rounding of the window's start (an 8-bit level here and there); the library's
+    ``CenterCrop`` then crops the short axis. The pixels materialised are the band
+    (``source short side x (crop + support)`` source pixels) and ``crop x s``, instead of
+    ``s x (s * aspect)``.
+    """
+
+    def __init__(self, resize: Any, crop: Any) -> None:
+        self.resize = resize
+        self.crop = crop
+        self.size = int(resize.size if isinstance(resize.size, int) else resize.size[0])
+        self.filter = _pil_filter(resize.interpolation)
+        self.support = {0: 0.5, 4: 0.5, 2: 1.0, 5: 1.0, 3: 2.0, 1: 3.0}.get(int(self.filter), 3.0)
+
+    def __repr__(self) -> str:
+        return f"BoundedResizeCrop({self.resize!r}, {self.crop!r})"
+
+    def __call__(self, img: "Image.Image") -> "Image.Image":
+        import math
+
+        w, h = img.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = self.size, int(self.size * long / short)  # torchvision's arithmetic
+        crop_h, crop_w = self.crop.size
+        crop_long = crop_h if w <= h else crop_w
+        if new_long <= PLAIN_ASPECT_LIMIT * new_short or crop_long > new_long:
+            return self.crop(self.resize(img))
+        start = int(round((new_long - crop_long) / 2.0))  # torchvision center_crop's offset
+        scale = long / new_long  # source pixels per resized pixel along the long axis
+        lo, hi = start * scale, (start + crop_long) * scale
+        reach = self.support * max(scale, 1.0) + 2  # the filter's support in source pixels, and a margin
+        b0, b1 = max(int(math.floor(lo - reach)), 0), min(int(math.ceil(hi + reach)), long)
+        lo, hi = lo - b0, hi - b0
+        f = self.filter
+        if w <= h:  # portrait: a band of rows; output new_short x crop_long
+            band = img.crop((0, b0, w, b1))
+            if _horizontal_first(w, h, new_short, new_long):
+                out = band.resize((new_short, b1 - b0), f).resize((new_short, crop_long), f, box=(0, lo, new_short, hi))
+            else:
+                out = band.resize((w, crop_long), f, box=(0, lo, w, hi)).resize((new_short, crop_long), f)
+        else:  # landscape: a band of columns; output crop_long x new_short
+            band = img.crop((b0, 0, b1, h))
+            if _horizontal_first(w, h, new_long, new_short):
+                out = band.resize((crop_long, h), f, box=(lo, 0, hi, h)).resize((crop_long, new_short), f)
+            else:
+                out = band.resize((b1 - b0, new_short), f).resize((crop_long, new_short), f, box=(lo, 0, hi, new_short))
+        return self.crop(out)
+
+
+def bounded_transform(fn: Callable[[Any], torch.Tensor]) -> Callable[[Any], torch.Tensor]:
+    """The library transform ``fn`` with its PIL resize steps bounded in cost.
+
+    In a torchvision ``Compose``, ``Resize(s)`` followed by ``CenterCrop`` becomes
+    ``BoundedResizeCrop``, which leaves an ordinary image bit for bit as the library makes
+    it (aspect up to ``PLAIN_ASPECT_LIMIT``). Other steps are bounded by their output size
+    already: ``Resize((h, w))`` (squash; Pillow 13 runs the pass with the smaller
+    intermediate first, so a thin strip never widens over all its rows),
+    ``ResizeKeepRatio``, crops and pads. Returns ``fn`` itself when nothing needs bounding or ``fn``
+    is not a ``Compose``.
+    """
+    from torchvision import transforms as T
+
+    steps = getattr(fn, "transforms", None)
+    if not isinstance(fn, T.Compose) or not isinstance(steps, list):
+        return fn
+    out: list[Any] = []
+    i = 0
+    while i < len(steps):
+        step = steps[i]
+        if type(step) is T.Resize and step.max_size is None:
+            size = step.size
+            if isinstance(size, int) or len(size) == 1:
+                if i + 1 < len(steps) and type(steps[i + 1]) is T.CenterCrop:
+                    out.append(BoundedResizeCrop(step, steps[i + 1]))
+                    i += 2
+                    continue
+        out.append(step)
+        i += 1
+    if len(out) == len(steps) and all(a is b for a, b in zip(out, steps)):
+        return fn
+    return T.Compose(out)
 
 
 class FastPreprocess:
