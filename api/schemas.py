@@ -69,6 +69,11 @@ class TaskPublic(_Out):
     history: list[dict[str, Any]] | None = Field(None, description="Per-epoch loss and validation accuracy.")
     confusion: list[list[int]] | None = Field(None, description="Validation confusion matrix (rows = true class).")
     dataset_id: str | None = None
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What the dataset upload ignored or dropped (duplicate images, empty folders); "
+        "empty when nothing was, and for zeroshot.",
+    )
     created_at: dt.datetime
     updated_at: dt.datetime
 
@@ -100,6 +105,7 @@ def task_public(task: Any) -> TaskPublic:
         history=task.history,
         confusion=task.confusion,
         dataset_id=task.dataset_id,
+        warnings=list(getattr(task, "dataset_warnings", None) or []),
         created_at=task.created_at,
         updated_at=task.updated_at,
     )

@@ -2,7 +2,7 @@
 
 Ids are uuid4 hex strings; timestamps are timezone-aware UTC.
 
-Task status machine (API.md): queued -> running -> ready | failed | cancelled.
+Task status machine (docs/api.md): queued -> running -> ready | failed | cancelled.
 A retrain of a task that already serves a version keeps ``status == "ready"`` and
 tracks the new run in ``training`` = {"status", "progress", "error"}; on success
 ``version`` += 1 and the served version switches in the same transaction.
@@ -15,7 +15,7 @@ import uuid
 from typing import Any
 
 from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, String, Text, UniqueConstraint
-from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.orm import Mapped, mapped_column, object_session, relationship
 
 from store.db import Base, utcnow
 
@@ -75,6 +75,9 @@ class Dataset(Base):
     classes: Mapped[list[Any]]
     #: Images per class name.
     counts: Mapped[dict[str, Any]]
+    #: What the upload ignored or dropped (empty folders, duplicate images), for the task's
+    #: ``warnings``; None for datasets recorded before warnings existed.
+    warnings: Mapped[list[Any] | None]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
@@ -113,6 +116,20 @@ class Task(Base):
     attempt: Mapped[int] = mapped_column(default=1)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    #: The dataset of the latest requested run (read-only; loaded on first access).
+    dataset: Mapped[Dataset | None] = relationship(viewonly=True)
+
+    @property
+    def dataset_warnings(self) -> list[str]:
+        """What the upload of this task's dataset ignored or dropped; [] without a dataset."""
+        if self.dataset_id is None:
+            return []
+        ds = self.dataset
+        if ds is not None and ds.id != self.dataset_id:  # dataset_id changed after it loaded
+            session = object_session(self)
+            ds = session.get(Dataset, self.dataset_id) if session is not None else None
+        return [str(w) for w in (ds.warnings or [])] if ds is not None else []
 
     @property
     def run_status(self) -> str | None:

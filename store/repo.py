@@ -194,6 +194,7 @@ def create_dataset(
     size: int,
     classes: Sequence[str],
     counts: dict[str, int],
+    warnings: Sequence[str] = (),
 ) -> Dataset:
     """Record an uploaded dataset whose object is already stored. Create it in the same
     transaction as the task (or retrain) that uses it: ``delete_task`` collects the tenant's
@@ -205,6 +206,7 @@ def create_dataset(
         size=size,
         classes=list(classes),
         counts=dict(counts),
+        warnings=list(warnings),
     )
     s.add(ds)
     s.flush()
@@ -329,8 +331,9 @@ def request_retrain(
 
 def request_cancel(s: Session, task_id: str, *, tenant_id: str) -> Task | None:
     """Cancel the task's current run: a queued run is cancelled at once; a running one gets
-    ``cancel_requested`` and the job sets ``cancelled`` when it sees it. A task with no active
-    run is returned unchanged. None if unknown/foreign."""
+    ``cancel_requested`` and the job sets ``cancelled`` when it sees it. None if
+    unknown/foreign. Raises ``TaskStateError`` (naming the state) when no run is queued or
+    running: there is nothing to cancel."""
     task = _locked_task(s, task_id, tenant_id=tenant_id)
     if task is None:
         return None
@@ -340,6 +343,9 @@ def request_cancel(s: Session, task_id: str, *, tenant_id: str) -> Task | None:
     elif state == RUNNING:
         task.cancel_requested = True
         task.updated_at = utcnow()
+    else:
+        what = f"status {task.status}" if state is None or state == task.status else f"its last run is {state}"
+        raise TaskStateError(f"task {task_id} has no queued or running run to cancel ({what})")
     s.flush()
     return task
 

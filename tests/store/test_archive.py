@@ -1,4 +1,4 @@
-"""store.archive: the dataset archive reader, one test per rejection in API.md.
+"""store.archive: the dataset archive reader, one test per rejection in docs/inputs.md ("Dataset archives").
 
 Every archive here is crafted in memory with zipfile (and, for lying headers,
 patched bytes); nothing touches the disk.
@@ -106,11 +106,11 @@ def test_all_accepted_formats_including_gif_first_frame_and_nested_folders():
     frames = [Image.new("P", (8, 8), i) for i in (1, 2, 3)]
     gif = io.BytesIO()
     frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
-    entries = {
-        "a/x.png": img_bytes("PNG"),
-        "a/x.jpeg": img_bytes("JPEG"),
-        "a/sub/x.webp": img_bytes("WEBP"),
-        "b/x.bmp": img_bytes("BMP"),
+    entries = {  # different pictures: the same one under two classes is refused
+        "a/x.png": img_bytes("PNG", seed=1),
+        "a/x.jpeg": img_bytes("JPEG", seed=2),
+        "a/sub/x.webp": img_bytes("WEBP", seed=3),
+        "b/x.bmp": img_bytes("BMP", seed=4),
         "b/x.gif": gif.getvalue(),
     }
     classes, images, labels = read_archive(make_zip(entries))
@@ -222,10 +222,11 @@ def test_rejects_one_class_inside_wrapping_folder():
 
 
 def test_rejects_class_with_no_image():
+    """A class-level folder without images is a class with no image: refused, naming it."""
     entries = good_entries()
     entries["bird/"] = None
     err = reject(make_zip(entries))
-    assert "'bird' has no images" in str(err)
+    assert "'bird' has no images" in str(err) and "each class needs at least 1 image" in str(err)
 
 
 def test_rejects_class_holding_only_junk():

@@ -99,3 +99,44 @@ def test_alembic_ini_works_from_the_command_line(tmp_path):
         cwd=tmp_path, env=env, check=True, timeout=120, capture_output=True,
     )  # fmt: skip
     assert migrate.is_up_to_date(url)
+
+
+def test_datasets_recorded_before_warnings_read_as_no_warnings(fresh_db_url):
+    """Revision 94874791fbde adds the nullable datasets.warnings: rows that existed before
+    it keep working, and their tasks show an empty ``warnings`` list."""
+    import datetime as dt
+
+    from sqlalchemy import JSON, MetaData, Table
+    from sqlalchemy.orm import Session
+
+    from api.schemas import task_public
+    from store.models import Task
+
+    command.upgrade(migrate.alembic_config(fresh_db_url), "ed1eea5d6344")
+    engine = make_engine(fresh_db_url, poolclass=NullPool)
+    now = dt.datetime.now(dt.timezone.utc)
+    try:
+        with engine.begin() as conn:
+            md = MetaData()
+            tables = {t: Table(t, md, autoload_with=conn) for t in ("tenants", "datasets", "tasks")}
+            for t in tables.values():  # SQLite reflects JSON columns as plain text
+                for col in t.columns:
+                    if col.name in ("classes", "counts", "config"):
+                        col.type = JSON()
+            conn.execute(tables["tenants"].insert().values(id="t1", name="old", created_at=now, request_count=0))
+            conn.execute(tables["datasets"].insert().values(
+                id="d1", tenant_id="t1", object_key="datasets/t1/x.zip", sha256="0" * 64, size=1,
+                classes=["cat", "dog"], counts={"cat": 1, "dog": 1}, created_at=now,
+            ))  # fmt: skip
+            conn.execute(tables["tasks"].insert().values(
+                id="k1", tenant_id="t1", name="old", method="coop", config={}, classes=["cat", "dog"],
+                dataset_id="d1", status="ready", progress=1.0, cancel_requested=False, attempt=1,
+                created_at=now, updated_at=now,
+            ))  # fmt: skip
+        migrate.upgrade(fresh_db_url)
+        with Session(engine) as s:
+            task = s.get(Task, "k1")
+            assert task.dataset.warnings is None
+            assert task.dataset_warnings == [] and task_public(task).warnings == []
+    finally:
+        engine.dispose()

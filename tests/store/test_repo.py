@@ -378,12 +378,21 @@ def test_cancel_retrain_of_a_served_task(session_factory):
     assert claim(session_factory, task.id, 2) is None
 
 
-def test_cancel_without_active_run_changes_nothing(session_factory):
+def test_cancel_without_active_run_is_refused_and_changes_nothing(session_factory):
     tenant, _ = make_tenant(session_factory)
     task = ready_task(session_factory, tenant.id)
     with session_scope(session_factory) as s:
-        t = repo.request_cancel(s, task.id, tenant_id=tenant.id)
-        assert (t.status, t.cancel_requested, t.training) == (READY, False, None)
+        with pytest.raises(repo.TaskStateError, match=r"no queued or running run to cancel \(status ready\)"):
+            repo.request_cancel(s, task.id, tenant_id=tenant.id)
+    with session_scope(session_factory) as s:  # a cancelled run cannot be cancelled again
+        repo.request_retrain(s, task.id, tenant_id=tenant.id)
+    with session_scope(session_factory) as s:
+        repo.request_cancel(s, task.id, tenant_id=tenant.id)
+    with session_scope(session_factory) as s:
+        with pytest.raises(repo.TaskStateError, match=r"its last run is cancelled"):
+            repo.request_cancel(s, task.id, tenant_id=tenant.id)
+    t = fetch(session_factory, task.id, tenant.id)
+    assert (t.status, t.cancel_requested, t.training["status"]) == (READY, False, CANCELLED)
 
 
 # --------------------------------------------------------------------------- idempotency
@@ -484,3 +493,25 @@ def test_json_none_is_sql_null(session_factory):
     make_task(session_factory, tenant.id)
     with session_scope(session_factory) as s:
         assert s.scalar(text("SELECT count(*) FROM tasks WHERE training IS NULL AND metrics IS NULL")) == 1
+
+
+def test_dataset_warnings_follow_the_dataset_of_the_latest_run(session_factory):
+    """Datasets keep the upload's warnings; a task shows those of its current dataset
+    (none without one), also when a retrain switches the dataset in the same session."""
+    tenant, _ = make_tenant(session_factory)
+    task = ready_task(session_factory, tenant.id)
+    bare = make_task(session_factory, tenant.id, name="zs", with_dataset=False)
+    with session_scope(session_factory) as s:
+        t = repo.get_task(s, task.id, tenant_id=tenant.id)
+        assert t.dataset.warnings == [] and t.dataset_warnings == []
+        assert repo.get_task(s, bare.id, tenant_id=tenant.id).dataset_warnings == []
+        ds = repo.create_dataset(
+            s, tenant_id=tenant.id, object_key=f"datasets/{tenant.id}/{'e' * 64}.zip", sha256="e" * 64, size=1,
+            classes=["cat", "dog"], counts={"cat": 1, "dog": 1},
+            warnings=["dropped 1 duplicate image in class 'cat': cat/b.png (same as cat/a.png)"],
+        )  # fmt: skip
+        t = repo.request_retrain(s, task.id, tenant_id=tenant.id, dataset_id=ds.id)
+        assert t.dataset_warnings == ["dropped 1 duplicate image in class 'cat': cat/b.png (same as cat/a.png)"]
+    with session_scope(session_factory) as s:
+        t = repo.get_task(s, task.id, tenant_id=tenant.id)
+        assert t.dataset_warnings == ["dropped 1 duplicate image in class 'cat': cat/b.png (same as cat/a.png)"]
