@@ -69,6 +69,10 @@ class PromptUnavailable(Exception):
     """The served prompt cannot be used on this backbone (message is safe for the tenant)."""
 
 
+class UnusableScores(PromptUnavailable):
+    """The prompt produced a NaN or infinite logit: answered as an error (409), never as a score."""
+
+
 class StaleVersion(Exception):
     """The request read a prompt version older than one this process knows; re-read it."""
 
@@ -592,6 +596,7 @@ class Engine:
 
     def _load_resident(self, ref: ServingRef) -> "ResidentPrompt":
         from backbone import PromptMismatch, load_prompt
+        from backbone.artifacts import non_finite_tensor
 
         bb = self.backbone.get()
         data = self.objects.get(ref.object_key)
@@ -599,6 +604,12 @@ class Engine:
             prompt = load_prompt(data, bb)
         except PromptMismatch as exc:
             raise PromptUnavailable(f"{exc}; retrain the task to use it on this backbone") from None
+        bad = non_finite_tensor(prompt.tensors)
+        if bad is not None:  # e.g. stored by a run that diverged before such runs were failed
+            raise PromptUnavailable(
+                f"the task's prompt (version {ref.version}) is unusable: its tensor {bad!r} holds NaN or infinite "
+                "values (its training diverged); retrain the task with a lower learning rate"
+            )
         return bb.prepare(prompt)
 
     def _announce(self, task_id: str, version: int) -> None:
@@ -712,9 +723,16 @@ class Engine:
                 row = 0
                 for req, start, end in batch:
                     classes = req.resident.classes or list(req.ref.classes)
-                    for j in range(start, end):
-                        req.results[j] = top_predictions(logits[row], classes, req.top_k)
-                        row += 1
+                    try:
+                        for j in range(start, end):
+                            req.results[j] = top_predictions(logits[row + j - start], classes, req.top_k)
+                    except UnusableScores as exc:  # this request fails; the rest of the batch is answered
+                        _resolve(req, error=UnusableScores(
+                            f"the task's prompt (version {req.ref.version}) is unusable on this service: it {exc} "
+                            f"for image {j}; retrain the task (with a lower learning rate if its training was "
+                            "unstable)"
+                        ))
+                    row += end - start
                     req.done += end - start
         except Exception as exc:
             log.exception("inference batch of %d images failed", sum(e - s for _, s, e in batch))
@@ -746,10 +764,13 @@ class Engine:
 
 
 def top_predictions(logits: "torch.Tensor", classes: list[str], top_k: int | None) -> list[dict[str, Any]]:
-    """logits (C,) -> ``[{"label", "score"}, ...]``: softmax over the classes, best first, cut to top_k."""
+    """logits (C,) -> ``[{"label", "score"}, ...]``: softmax over the classes, best first, cut to top_k.
+    Raises ``UnusableScores`` (a 409) rather than answer a NaN score."""
     import torch
 
     probs = torch.softmax(logits.float(), dim=-1)
+    if not bool(torch.isfinite(logits).all() and torch.isfinite(probs).all()):  # never a NaN/null score
+        raise UnusableScores("produced non-finite scores (NaN or infinite logits)")
     k = len(classes) if top_k is None else max(1, min(int(top_k), len(classes)))
     scores, order = torch.sort(probs, descending=True)
     return [{"label": classes[i], "score": s} for s, i in zip(scores[:k].tolist(), order[:k].tolist())]

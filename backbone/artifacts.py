@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import ConfigError, PromptFormatError, PromptMismatch
+from .errors import ConfigError, NonFinitePrompt, PromptFormatError, PromptMismatch
 
 if TYPE_CHECKING:
     from .loading import Backbone
@@ -61,7 +61,27 @@ class TrainedPrompt:
                 raise ValueError("extra metadata must map str to str")
             meta[k] = v
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
+        check_finite(tensors, f"{self.method} prompt")
         return st_save(tensors, metadata=meta)
+
+
+def non_finite_tensor(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or infinity, or None."""
+    for name, t in tensors.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str = "prompt") -> None:
+    """NonFinitePrompt when a tensor holds NaN or infinity: such a prompt is never saved,
+    published or served (its scores would be NaN)."""
+    bad = non_finite_tensor(tensors)
+    if bad is not None:
+        raise NonFinitePrompt(
+            f"the {what} is unusable: its tensor {bad!r} holds NaN or infinite values (training diverged; "
+            "retrain with a lower learning rate); nothing was saved"
+        )
 
 
 def read_prompt_metadata(data: bytes) -> dict[str, str]:

@@ -26,3 +26,12 @@ class PromptMismatch(ValueError):
 
 class Cancelled(Exception):
     """Tuning stopped because ``should_cancel()`` returned true."""
+
+
+class DivergedError(ConfigError):
+    """Training stopped because the loss or a learned tensor became non-finite (NaN or
+    infinity); the message names where and the likely cause (usually the learning rate)."""
+
+
+class NonFinitePrompt(PromptFormatError):
+    """A prompt whose tensors hold NaN or infinity: never saved, published or served."""

@@ -75,7 +75,7 @@ def prepare_resident(backbone: "Backbone", prompt: TrainedPrompt) -> ResidentPro
     spec = get_method(prompt.method)
     cfg = parse_config(prompt.method, prompt.config)
     with torch.random.fork_rng(devices=[backbone.device] if backbone.device.type == "cuda" else []):
-        module = build_module(backbone, spec, prompt.classes, cfg)
+        module = build_module(backbone, spec, prompt.classes, cfg, check_text=False)  # checked when tuned
     try:
         module.load_state_dict({k: v.to(backbone.device) for k, v in prompt.tensors.items()}, strict=True)
     except RuntimeError as exc:

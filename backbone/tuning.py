@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from .artifacts import TrainedPrompt
-from .errors import Cancelled, ConfigError
+from .errors import Cancelled, ConfigError, DivergedError
 from .methods import MethodSpec, get_method, parse_config
-from .methods.base import MethodConfig, PromptModule, TrainConfig
+from .methods.base import MethodConfig, PromptModule, TrainConfig, check_text_prompts
 from .towers import ImageFeatures
 
 if TYPE_CHECKING:
@@ -46,9 +46,15 @@ class TuneResult:
     confusion: list[list[int]] = field(default_factory=list)
 
 
-def build_module(backbone: "Backbone", spec: MethodSpec, classes: list[str], config: MethodConfig) -> PromptModule:
-    """Check the method fits the backbone, then build its module on the backbone's device."""
+def build_module(
+    backbone: "Backbone", spec: MethodSpec, classes: list[str], config: MethodConfig, *, check_text: bool = True
+) -> PromptModule:
+    """Check the method fits the backbone and every class's text prompt fits (and is told apart
+    by) the text encoder, then build its module on the backbone's device. ``check_text=False``
+    only to serve a prompt already published (it is served as it was trained)."""
     spec.module_cls.check_backbone(backbone, config)
+    if check_text:
+        check_text_prompts(spec.name, spec.module_cls, list(classes), config, backbone.text_tokens)
     module = spec.module_cls(backbone, list(classes), config)
     return module.to(backbone.device)
 
@@ -170,6 +176,18 @@ def _confusion(pred: torch.Tensor, y: torch.Tensor, n: int) -> list[list[int]]:
     return m.tolist()
 
 
+@torch.no_grad()
+def _non_finite_param(module: PromptModule) -> str | None:
+    """The name of a learned tensor holding NaN or infinity, or None (one device sync)."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if not named:
+        return None
+    ok = torch.stack([torch.isfinite(p).all() for _, p in named])
+    if bool(ok.all()):
+        return None
+    return named[int((~ok).nonzero()[0])][0]
+
+
 def _lr_at(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
     if step < warmup:
         return cfg.warmup_lr if cfg.warmup == "constant" else cfg.lr * (step + 1) / warmup
@@ -273,6 +291,25 @@ class _Run:
         getattr(self, f"_train_{self.spec.trainer}")()
         self._finish()
 
+    def _diverged(self, what: str, epoch: int, step: int, total: int, lr: float, warmup: int) -> DivergedError:
+        """The error that stops a run whose loss or parameters went non-finite, naming the likely cause."""
+        cfg: TrainConfig = self.cfg  # type: ignore[assignment]
+        if step < warmup and cfg.warmup == "constant":
+            phase, cause = "constant warm-up", f"warmup_lr is probably too high (warmup_lr={cfg.warmup_lr:g}, lr={cfg.lr:g})"
+        else:
+            phase = "linear warm-up" if step < warmup else "cosine decay"
+            cause = f"the learning rate is probably too high (lr={cfg.lr:g})"
+        amplifiers = []
+        if cfg.weight_decay:
+            amplifiers.append(f"weight_decay={cfg.weight_decay:g}")
+        if cfg.optimizer == "sgd" and cfg.momentum:
+            amplifiers.append(f"momentum={cfg.momentum:g}")
+        also = f", made worse by {' and '.join(amplifiers)}" if amplifiers else ""
+        return DivergedError(
+            f"training diverged: {what} at epoch {epoch} of {self.epochs}, step {step + 1} of {total} "
+            f"({cfg.optimizer}, {phase}, learning rate {lr:g}); {cause}{also}; lower it and retrain"
+        )
+
     # ---- trainers
 
     def _train_none(self) -> None:
@@ -311,11 +348,17 @@ class _Run:
                 with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
                     logits = _logits(module, self.images, self.cache, idx)
                 loss = F.cross_entropy(logits.float(), y)
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):  # stop before a step from a non-finite loss
+                    raise self._diverged(f"the loss became {loss_value}", epoch, step, total, lr, warmup)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
-                scaler.step(opt)
+                scaler.step(opt)  # under amp, a step with non-finite gradients is skipped, not applied
                 scaler.update()
-                loss_sum += float(loss.detach()) * len(idx)
+                bad = _non_finite_param(module)
+                if bad is not None:
+                    raise self._diverged(f"the learned tensor {bad!r} became non-finite", epoch, step, total, lr, warmup)
+                loss_sum += loss_value * len(idx)
                 seen += len(idx)
                 step += 1
             _, val_acc = self._evaluate(self.val_idx)
@@ -340,6 +383,13 @@ class _Run:
         for i, l2 in enumerate(grid, start=1):
             self._cancel_check()
             loss = module.fit(x_tr, y_tr, l2, cfg.max_iter)
+            bad = _non_finite_param(module)
+            if not math.isfinite(loss) or bad is not None:
+                what = f"the loss became {loss}" if bad is None else f"the learned tensor {bad!r} became non-finite"
+                raise DivergedError(
+                    f"training diverged: {what} in the L-BFGS fit {i} of {len(grid)} (l2={l2:g}); the l2 "
+                    "strength is probably too weak for a stable fit; use larger l2_grid values (or l2_without_val)"
+                )
             _, val_acc = self._evaluate(self.val_idx)
             self.history.append({"epoch": i, "loss": loss, "val_accuracy": val_acc, "l2": l2})
             score = val_acc if val_acc is not None else 0.0

@@ -179,9 +179,12 @@ def _run(
 def failure_reason(exc: BaseException) -> str | None:
     """A tenant-facing reason for an expected failure, or None for an unexpected one."""
     from backbone import BackboneError, ConfigError, PromptFormatError, PromptMismatch
+    from backbone.errors import DivergedError, NonFinitePrompt
 
     if isinstance(exc, DatasetError):
         return f"invalid dataset: {exc}"
+    if isinstance(exc, (DivergedError, NonFinitePrompt)):  # the message says what diverged and why
+        return str(exc)
     if isinstance(exc, ConfigError):
         return f"invalid config: {exc}"
     if isinstance(exc, ObjectNotFound):

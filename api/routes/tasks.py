@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
 from sqlalchemy.orm import Session
@@ -40,7 +40,10 @@ _LIMITED = {429: {"model": ErrorOut, "description": "Over the tenant's rate of t
 
 def parse_config(method: str, raw: str | None) -> dict[str, Any]:
     """The validated full config (defaults filled; all defaults when ``raw`` is None).
-    422 for bad JSON, a non-object, an unknown method or an unknown/invalid key."""
+    422 for bad JSON, a non-object, an unknown method, an unknown/invalid key or a
+    non-finite number (NaN, Infinity, 1e309), naming the key and its bounds."""
+    import math
+
     from backbone import ConfigError, validate_config
 
     cfg: Any = None
@@ -52,13 +55,34 @@ def parse_config(method: str, raw: str | None) -> dict[str, Any]:
         if not isinstance(cfg, dict):
             raise ApiError(422, "config must be a JSON object of method hyperparameters, e.g. {\"epochs\": 5}")
     try:
-        validated = validate_config(method, cfg)
+        validated = validate_config(method, cfg)  # refuses NaN/inf in every float field, naming its bounds
     except ConfigError as exc:
         raise ApiError(422, str(exc)) from None
+
+    def non_finite_key(value: Any, path: str = "") -> str | None:  # dotted path of the first one, or None
+        if isinstance(value, float) and not math.isfinite(value):
+            return path or "config"
+        if isinstance(value, dict):
+            items: Any = ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            items = ((f"{path}.{i}", v) for i, v in enumerate(value))
+        else:
+            return None
+        return next((p for p in (non_finite_key(v, k) for k, v in items) if p is not None), None)
+
+    # json.loads reads NaN, Infinity, -Infinity and overflowing numbers (1e309) as non-finite
+    # floats; a key that validation let through with one (a free-form field) is refused too.
+    bad = non_finite_key(cfg)
+    if bad is not None:
+        raise ApiError(
+            422,
+            f"config key {bad!r}: numbers must be finite JSON numbers (no NaN, Infinity or values beyond "
+            "about 1.8e308); see the method's bounds for this key",
+        )
     try:
-        return json.loads(json.dumps(dict(validated)))
-    except (TypeError, ValueError):  # pragma: no cover - validate_config returns JSON types
-        return dict(validated)
+        return json.loads(json.dumps(dict(validated), allow_nan=False))
+    except (TypeError, ValueError):  # pragma: no cover - validate_config returns finite JSON types
+        raise ApiError(422, "config holds a value that is not a finite JSON number") from None
 
 
 def parse_classes(raw: str | None) -> list[str]:
@@ -83,15 +107,53 @@ def parse_classes(raw: str | None) -> list[str]:
     return names
 
 
-def store_dataset(state: ServiceState, s: Session, tenant_id: str, upload: UploadFile) -> tuple[str, list[str]]:
+def text_tokens(state: ServiceState) -> Any:
+    """The backbone's tokenizer (``backbone.loading.TextTokens``, None without a text tower): the
+    loaded backbone's, else one built from the spec alone (no weights). 503 when neither can be had."""
+    from backbone.loading import text_tokens_for_spec
+    from worker.runtime import BackboneNotReady
+
+    try:
+        return state.backbone.get().text_tokens
+    except BackboneNotReady:
+        pass
+    try:
+        return text_tokens_for_spec(state.backbone.spec)
+    except Exception as exc:
+        log.warning("no tokenizer for backbone %s to check class prompts: %s", state.backbone.spec, exc)
+        raise ApiError(
+            503, "the backbone's text tokenizer is not available yet to check the class names; retry shortly",
+            {"Retry-After": "5"},
+        ) from None
+
+
+def check_class_texts(state: ServiceState, method: str, classes: list[str], cfg: dict[str, Any]) -> None:
+    """422 when a class's text prompt would not fit the text encoder's context (it would be cut)
+    or two classes' prompts make the same tokens; methods that build no text prompt pass."""
+    from backbone import ConfigError
+    from backbone.methods import check_class_texts as check
+
+    try:
+        check(method, classes, cfg, text_tokens(state))
+    except ConfigError as exc:
+        raise ApiError(422, str(exc)) from None
+
+
+def store_dataset(
+    state: ServiceState, s: Session, tenant_id: str, upload: UploadFile,
+    check: Callable[[list[str]], None] | None = None,
+) -> tuple[str, list[str]]:
     """Validate the uploaded zip, store it under its content-addressed key and record it
-    (in the caller's transaction). Returns ``(dataset_id, classes)``."""
+    (in the caller's transaction). Returns ``(dataset_id, classes)``. ``check(classes)`` runs
+    before anything is stored (a refusal leaves nothing behind)."""
     limit = state.settings.max_upload_bytes
     upload.file.seek(0)
     data = upload.file.read(limit + 1)
     if len(data) > limit:
         raise ApiError(413, f"dataset archive is over the upload limit of {limit} bytes")
     manifest = inspect_archive(data, ArchiveLimits.from_settings(state.settings))
+    if check is not None:
+        check(list(manifest.classes))
     digest = sha256_hex(data)
     key = dataset_key(tenant_id, digest)
     state.objects.put(key, data)  # the object before the row that points to it
@@ -103,8 +165,19 @@ def store_dataset(state: ServiceState, s: Session, tenant_id: str, upload: Uploa
         size=len(data),
         classes=manifest.classes,
         counts=manifest.counts,
+        warnings=manifest.warnings,
     )
     return ds.id, list(manifest.classes)
+
+
+def _stored_config(method: str, config: Any) -> dict[str, Any] | None:
+    """A task's stored config if it still validates (else None: the run itself will say why)."""
+    from backbone import ConfigError, validate_config
+
+    try:
+        return validate_config(method, config)
+    except ConfigError:
+        return None
 
 
 def enqueue(state: ServiceState, s: Session, task_id: str, attempt: int, tenant_id: str) -> None:
@@ -161,11 +234,14 @@ def create_task(
     cfg = parse_config(method, config)
     if method == ZEROSHOT:
         class_names = parse_classes(classes)
+        check_class_texts(state, method, class_names, cfg)
         dataset_id = None
     else:
         if dataset is None:
             raise ApiError(422, f"dataset is required for method {method}: upload a zip of class folders")
-        dataset_id, class_names = store_dataset(state, s, tenant.id, dataset)
+        dataset_id, class_names = store_dataset(
+            state, s, tenant.id, dataset, check=lambda names: check_class_texts(state, method, names, cfg)
+        )
     task = repo.create_task(
         s, tenant_id=tenant.id, name=name.strip(), method=method, config=cfg, classes=class_names, dataset_id=dataset_id
     )
@@ -203,9 +279,17 @@ def retrain_task(
     if task.run_status in ACTIVE_STATUSES:
         raise ApiError(409, f"task {task_id} already has a {task.run_status} run; cancel it or wait until it finishes")
     cfg = parse_config(task.method, config) if config is not None else None
+    run_cfg = cfg if cfg is not None else _stored_config(task.method, task.config)
+
+    def check(names: list[str]) -> None:
+        if run_cfg is not None:
+            check_class_texts(state, task.method, names, run_cfg)
+
     dataset_id = None
     if dataset is not None and task.method != ZEROSHOT:
-        dataset_id, _ = store_dataset(state, s, tenant.id, dataset)
+        dataset_id, _ = store_dataset(state, s, tenant.id, dataset, check=check)
+    else:
+        check(list(task.classes or []))
     try:
         updated = repo.request_retrain(s, task_id, tenant_id=tenant.id, dataset_id=dataset_id, config=cfg)
     except repo.TaskStateError as exc:
@@ -217,11 +301,16 @@ def retrain_task(
     return task_public(updated)
 
 
-@router.post("/{task_id}/cancel", status_code=202, response_model=TaskPublic, responses=_ERRORS)
+@router.post(
+    "/{task_id}/cancel", status_code=202, response_model=TaskPublic, responses={**_ERRORS, 409: {"model": ErrorOut}}
+)
 def cancel_task(task_id: str, s: DbSession, tenant: CurrentTenant = Depends(current_tenant)) -> TaskPublic:
     """Cancel the task's current run: a queued run at once, a running one at its next step.
-    A task with no run in progress is returned unchanged."""
-    task = repo.request_cancel(s, task_id, tenant_id=tenant.id)
+    409 when no run is queued or running (the detail names the task's state)."""
+    try:
+        task = repo.request_cancel(s, task_id, tenant_id=tenant.id)
+    except repo.TaskStateError as exc:
+        raise ApiError(409, str(exc)) from None
     if task is None:
         raise ApiError(404, f"task {task_id} not found")
     return task_public(task)

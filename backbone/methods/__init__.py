@@ -7,6 +7,10 @@ from . import vpt_shallow  # noqa: F401
 from . import vpt_deep  # noqa: F401
 from . import padding  # noqa: F401
 from . import linear_probe  # noqa: F401
-from .registry import MethodSpec, get_method, method_names, parse_config, validate_config, describe_config
+from .registry import (
+    MethodSpec, check_class_texts, describe_config, get_method, method_names, parse_config, validate_config,
+)
 
-__all__ = ["MethodSpec", "get_method", "method_names", "parse_config", "validate_config", "describe_config"]
+__all__ = [
+    "MethodSpec", "check_class_texts", "get_method", "method_names", "parse_config", "validate_config", "describe_config",
+]

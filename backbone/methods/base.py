@@ -17,7 +17,7 @@ How a module touches the image path decides how it is trained and served:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +28,36 @@ from ..errors import BackboneError, ConfigError
 from ..towers import ImageFeatures, TokenPrompts
 
 if TYPE_CHECKING:
-    from ..loading import Backbone
+    from ..loading import Backbone, TextTokens
+
+
+# ---------------------------------------------------------------- class names -> text
+
+
+def underscores_to_spaces(name: str) -> str:
+    """'dog_house' -> 'dog house'; hyphens and case are kept ('T-shirt' stays). CoOp's and
+    CoCoOp's reference code (``name.replace("_", " ")``); also zeroshot and the VPT clip head."""
+    return name.replace("_", " ")
+
+
+def lower_underscores_hyphens_to_spaces(name: str) -> str:
+    """'T-Shirt_top' -> 't shirt top': lowercased, '_' and '-' become spaces. The padding
+    authors' reference code (Bahng et al., ``refine_classname``)."""
+    return name.lower().replace("_", " ").replace("-", " ")
+
+
+#: how each rule reads in error messages
+NAME_RULE_TEXT: dict[Callable[[str], str], str] = {
+    underscores_to_spaces: "'_' becomes a space",
+    lower_underscores_hyphens_to_spaces: "'_' and '-' become spaces",
+}
 
 
 class MethodConfig(BaseModel):
-    """Fields every method accepts."""
+    """Fields every method accepts. Numbers must be finite (NaN and infinities are refused)
+    and every float field declares both bounds (``registry.float_bounds``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     seed: int = Field(0, ge=0, description="Seed of the train/validation split, the initialisation and the batch order.")
     val_fraction: float = Field(
@@ -69,7 +92,9 @@ class TrainConfig(MethodConfig):
     warmup: Literal["constant", "linear"] = Field(
         "constant", description="constant: lr = warmup_lr during warm-up (CoOp); linear: ramp 0 -> lr (VPT)."
     )
-    warmup_lr: float = Field(1e-5, gt=0.0, description="Learning rate of a constant warm-up.")
+    warmup_lr: float = Field(
+        1e-5, gt=0.0, le=1e4, description="Learning rate of a constant warm-up (0 < warmup_lr <= 1e4, like lr)."
+    )
 
     default_warmup_epochs: ClassVar[int] = 1
 
@@ -107,6 +132,21 @@ class PromptModule(nn.Module):
         self.bb = backbone  # plain object, not an nn.Module: never registered as a child
         self.classes = list(classes)
         self.config = config
+
+    #: how a class name becomes text in this method's prompts (one rule function, named in the
+    #: config's description)
+    prepare_class_name: ClassVar[Callable[[str], str]] = staticmethod(underscores_to_spaces)
+    #: what else a tenant can shorten when a prompt is over the text encoder's context
+    text_prompt_hint: ClassVar[str] = ""
+
+    @classmethod
+    def text_prompts(
+        cls, classes: list[str], config: MethodConfig, tokens: "TextTokens | None"
+    ) -> list[list[str]] | None:
+        """Every text prompt this method builds for each class (class order), exactly as the
+        module tokenizes it; None when it builds none (no text head). ``tokens`` is None on a
+        backbone without a text tower. Checked by ``check_text_prompts`` before any module is built."""
+        return None
 
     # -- compatibility with a backbone (called before building)
 
@@ -179,13 +219,32 @@ def clip_logits(scale: torch.Tensor, image_embeds: torch.Tensor, text_feats: tor
 TEXT_BATCH = 512  # text sequences per text-tower call when building classifiers
 
 
-def class_text_features(backbone: "Backbone", classes: list[str], templates: list[str]) -> torch.Tensor:
+def template_prompts(
+    classes: list[str], templates: list[str], prepare: Callable[[str], str] = underscores_to_spaces
+) -> list[list[str]]:
+    """Per class, ``template.format(prepare(name))`` for every template."""
+    for t in templates:
+        if t.count("{}") != 1:  # no slot: every class would read the same text
+            raise ConfigError(f"template {t!r} must contain '{{}}' exactly once, where the class name goes")
+    try:
+        return [[t.format(prepare(c)) for t in templates] for c in classes]
+    except (IndexError, KeyError, ValueError) as exc:
+        bad = next((t for t in templates if t.count("{}") != 1), templates[0] if templates else "")
+        raise ConfigError(
+            f"template {bad!r} cannot take a class name ({type(exc).__name__}: {exc}); a template holds "
+            "'{}' once where the name goes, and no other braces"
+        ) from None
+
+
+def class_text_features(
+    backbone: "Backbone", classes: list[str], templates: list[str],
+    prepare: Callable[[str], str] = underscores_to_spaces,
+) -> torch.Tensor:
     """Zero-shot classifier: per template normalised text features, averaged over templates,
     normalised again (CLIP's ensemble; one template gives that template's normalised features).
-    Class names get '_' replaced by spaces. Returns (C, E) float32."""
+    Class names are prepared by ``prepare`` ('_' -> space by default). Returns (C, E) float32."""
     text = backbone.require_text("a CLIP text classifier")
-    names = [c.replace("_", " ") for c in classes]
-    prompts = [t.format(name) for name in names for t in templates]  # class-major, C * K
+    prompts = [p for per_class in template_prompts(classes, templates, prepare) for p in per_class]  # C * K
     per_call = max(len(templates), TEXT_BATCH // len(templates) * len(templates))  # whole classes per call
     feats = []
     with torch.no_grad():
@@ -198,10 +257,15 @@ def class_text_features(backbone: "Backbone", classes: list[str], templates: lis
 class ClipTextHead(nn.Module):
     """Fixed CLIP text classifier from a template (derived from the backbone, never saved)."""
 
-    def __init__(self, backbone: "Backbone", classes: list[str], templates: list[str]):
+    def __init__(
+        self, backbone: "Backbone", classes: list[str], templates: list[str],
+        prepare: Callable[[str], str] = underscores_to_spaces,
+    ):
         super().__init__()
         self.bb = backbone
-        self.register_buffer("text_feats", class_text_features(backbone, classes, templates), persistent=False)
+        self.register_buffer(
+            "text_feats", class_text_features(backbone, classes, templates, prepare), persistent=False
+        )
 
     def forward(self, feats: ImageFeatures) -> torch.Tensor:  # -> (B, C)
         return clip_logits(self.bb.logit_scale, feats.embeds, self.text_feats)
@@ -209,7 +273,7 @@ class ClipTextHead(nn.Module):
 
 class LinearHead(nn.Module):
     """VPT's head: one Linear on the final-normed pooled ([CLS]) feature, kaiming-normal
-    (fan_out) weight, bias -log(99) (METHODS.md)."""
+    (fan_out) weight, bias -log(99) (Jia et al., VPT; docs/methods.md)."""
 
     def __init__(self, dim: int, n_classes: int):
         super().__init__()
@@ -234,10 +298,88 @@ def resolve_head(backbone: "Backbone", head: str | None) -> str:
     return head
 
 
-def build_head(backbone: "Backbone", classes: list[str], head: str, template: str) -> nn.Module:
+def build_head(
+    backbone: "Backbone", classes: list[str], head: str, template: str,
+    prepare: Callable[[str], str] = underscores_to_spaces,
+) -> nn.Module:
     if head == "clip":
-        return ClipTextHead(backbone, classes, [template])
+        return ClipTextHead(backbone, classes, [template], prepare)
     return LinearHead(backbone.vision.pooled_dim, len(classes))
+
+
+def head_prompts(
+    classes: list[str], head: str | None, template: str, tokens: "TextTokens | None",
+    prepare: Callable[[str], str] = underscores_to_spaces,
+) -> list[list[str]] | None:
+    """The prompts of ``build_head``'s head as ``resolve_head`` picks it (no text tower: none)."""
+    if tokens is None or head == "linear":
+        return None
+    return template_prompts(classes, [template], prepare)
+
+
+# ---------------------------------------------------------------- text prompts that fit
+
+
+def _quoted(text: str, limit: int = 120) -> str:
+    return f"'{text}'" if len(text) <= limit else f"'{text[:limit]}...'"
+
+
+def check_text_prompts(
+    method: str, module_cls: type[PromptModule], classes: list[str], config: MethodConfig,
+    tokens: "TextTokens | None",
+) -> None:
+    """Refuse (ConfigError) class prompts the text encoder cannot hold or cannot tell apart.
+
+    Every prompt of every class is measured untruncated: one over the context length (start
+    and end tokens included) names its class, its token count and the limit. Two or more
+    classes whose prompts make the very same tokens (the tokenizer lowercases and drops extra
+    whitespace; the method's name rule merges '_' and perhaps '-') are named together. No
+    text prompts (no text head, or no text tower): nothing to check."""
+    prompts = module_cls.text_prompts(list(classes), config, tokens)
+    if not prompts or tokens is None:
+        return
+    limit = tokens.context_length
+    flat = [p for per_class in prompts for p in per_class]
+    ids = tokens.ids(flat)
+    per_class: list[tuple[tuple[int, ...], ...]] = []
+    too_long: list[str] = []
+    i = 0
+    for name, texts in zip(classes, prompts):
+        mine = ids[i:i + len(texts)]
+        i += len(texts)
+        per_class.append(tuple(tuple(x) for x in mine))
+        n = max(len(x) for x in mine)
+        if n > limit:
+            too_long.append(
+                f"class {_quoted(name, 1000)} makes a text prompt of {n} tokens, over the text encoder's "
+                f"limit of {limit}"
+            )
+    hint = module_cls.text_prompt_hint
+    if too_long:
+        more = f"; and {len(too_long) - 3} more classes" if len(too_long) > 3 else ""
+        raise ConfigError(
+            f"method {method}: " + "; ".join(too_long[:3]) + more + " (start and end tokens included); "
+            f"the encoder would cut such a prompt and score only its beginning. Shorten the class name{hint}"
+        )
+    groups: dict[tuple[tuple[int, ...], ...], list[str]] = {}
+    for name, key in zip(classes, per_class):
+        groups.setdefault(key, []).append(name)
+    ties = [(key, names) for key, names in groups.items() if len(names) > 1]
+    if ties:
+        rule = NAME_RULE_TEXT.get(module_cls.prepare_class_name, "")
+        said = []
+        for key, names in ties[:3]:
+            shown = " and ".join(_quoted(n, 200) for n in names[:5]) + (
+                f" (and {len(names) - 5} more)" if len(names) > 5 else ""
+            )
+            text = tokens.decode(list(key[0]))
+            said.append(f"classes {shown} give the same text tokens" + (f" ({_quoted(text, 80)})" if text else ""))
+        more = f"; and {len(ties) - 3} more such groups" if len(ties) > 3 else ""
+        raise ConfigError(
+            f"method {method}: " + "; ".join(said) + more + ", so the text encoder scores them exactly alike. "
+            "The tokenizer ignores case and extra whitespace" + (f", and in this method {rule}" if rule else "")
+            + "; rename the classes so that they differ in words"
+        )
 
 
 def dump_config(config: MethodConfig) -> dict[str, Any]:

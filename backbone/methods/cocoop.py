@@ -17,21 +17,29 @@ from pydantic import Field
 from torch import nn
 
 from ..towers import ImageFeatures
-from .base import PromptModule, TrainConfig
-from .coop import CoOpModule
+from .base import MethodConfig, PromptModule, TrainConfig, underscores_to_spaces
+from .coop import CoOpModule, context_prompt, context_text_prompts
 from .registry import MethodSpec, register
 
 if TYPE_CHECKING:
-    from ..loading import Backbone
+    from ..loading import Backbone, TextTokens
 
 
 class CoCoOpConfig(TrainConfig):
+    """Class names become text as CoCoOp's reference code does it: only '_' becomes a space
+    ('dog_house' -> 'dog house'; 'T-shirt' stays 'T-shirt'), in the prompt 'X X ... X {name}.'
+    with n_ctx context slots. That prompt must fit the text encoder's context (77 tokens for
+    CLIP, start and end included) and no two classes may make the same tokens (the tokenizer
+    ignores case and extra whitespace): such a task is refused, never cut."""
+
     n_ctx: int | None = Field(
         None,
         ge=1,
         le=64,
         description="Number of context vectors. None: the token count of 'init' (4 for 'a photo of a'), "
-        "or 16 with random init.",
+        "or 16 with random init. The class name follows with only '_' read as a space (hyphens kept, as "
+        "in the authors' code); n_ctx + the class name's tokens + 3 (the '.', start and end) must fit the "
+        "text encoder's 77.",
     )
     init: str | None = Field(
         "a photo of a",
@@ -50,14 +58,22 @@ class CoCoOpConfig(TrainConfig):
 class CoCoOpModule(PromptModule):
     image_path = "features"
     needs_text = True
+    prepare_class_name = staticmethod(underscores_to_spaces)
+    text_prompt_hint = ", or use fewer context vectors (n_ctx, or a shorter init)"
+
+    @classmethod
+    def text_prompts(
+        cls, classes: list[str], config: MethodConfig, tokens: "TextTokens | None"
+    ) -> list[list[str]] | None:
+        return context_text_prompts(cls, classes, config, tokens)
 
     def __init__(self, backbone: "Backbone", classes: list[str], config: CoCoOpConfig):
         super().__init__(backbone, classes, config)
         text = backbone.require_text("cocoop")
         n_ctx, ctx_init = CoOpModule._init_context(backbone, config)
         self.n_ctx = n_ctx
-        names = [c.replace("_", " ") for c in classes]
-        tokens = backbone.tokenize([" ".join(["X"] * n_ctx) + " " + name + "." for name in names])  # (C, L)
+        names = [self.prepare_class_name(c) for c in classes]
+        tokens = backbone.tokenize([context_prompt(n_ctx, name) for name in names])  # (C, L)
         with torch.no_grad():
             emb = text.embed_tokens(tokens)  # (C, L, Dt)
         self.register_buffer("prefix", emb[:, :1].clone(), persistent=False)  # (C, 1, Dt)

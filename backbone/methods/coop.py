@@ -17,22 +17,30 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..towers import ImageFeatures
-from .base import PromptModule, TrainConfig, clip_logits
+from .base import MethodConfig, PromptModule, TrainConfig, clip_logits, underscores_to_spaces
 from .registry import MethodSpec, register
 
 if TYPE_CHECKING:
-    from ..loading import Backbone
+    from ..loading import Backbone, TextTokens
 
 DEFAULT_N_CTX = 16
 
 
 class CoOpConfig(TrainConfig):
+    """Class names become text as CoOp's reference code does it: only '_' becomes a space
+    ('dog_house' -> 'dog house'; 'T-shirt' stays 'T-shirt'), in the prompt 'X X ... X {name}.'
+    with n_ctx context slots. That prompt must fit the text encoder's context (77 tokens for
+    CLIP, start and end included) and no two classes may make the same tokens (the tokenizer
+    ignores case and extra whitespace): such a task is refused, never cut."""
+
     n_ctx: int | None = Field(
         None,
         ge=1,
         le=64,
         description="Number of context vectors. None: 16 (the paper's default) with random init, or the "
-        "token count of 'init'. When given together with 'init' it must equal that token count.",
+        "token count of 'init'. When given together with 'init' it must equal that token count. "
+        "The class name follows with only '_' read as a space (hyphens kept, as in the authors' code); "
+        "n_ctx + the class name's tokens + 3 (the '.', start and end) must fit the text encoder's 77.",
     )
     init: str | None = Field(
         None,
@@ -64,9 +72,41 @@ class CoOpConfig(TrainConfig):
         return 200
 
 
+def context_prompt(n_ctx: int, name: str) -> str:
+    """CoOp's prompt text of one (prepared) class name: n_ctx placeholder words, the name, '.'."""
+    return " ".join(["X"] * n_ctx) + " " + name + "."
+
+
+def resolved_n_ctx(config: MethodConfig, tokens: "TextTokens") -> int:
+    """The number of context slots ``_init_context`` gives (the init phrase's token count, else
+    n_ctx or 16), from the tokenizer alone."""
+    init = getattr(config, "init", None)
+    if init:
+        return max(0, tokens.count([init.replace("_", " ").strip()])[0] - 2)
+    return getattr(config, "n_ctx", None) or DEFAULT_N_CTX
+
+
+def context_text_prompts(
+    module_cls: type[PromptModule], classes: list[str], config: MethodConfig, tokens: "TextTokens | None"
+) -> list[list[str]] | None:
+    """CoOp's and CoCoOp's one prompt per class (no text tower: none)."""
+    if tokens is None:
+        return None
+    n_ctx = resolved_n_ctx(config, tokens)
+    return [[context_prompt(n_ctx, module_cls.prepare_class_name(c))] for c in classes]
+
+
 class CoOpModule(PromptModule):
     image_path = "features"
     needs_text = True
+    prepare_class_name = staticmethod(underscores_to_spaces)
+    text_prompt_hint = ", or use fewer context vectors (n_ctx, or a shorter init)"
+
+    @classmethod
+    def text_prompts(
+        cls, classes: list[str], config: MethodConfig, tokens: "TextTokens | None"
+    ) -> list[list[str]] | None:
+        return context_text_prompts(cls, classes, config, tokens)
 
     def __init__(self, backbone: "Backbone", classes: list[str], config: CoOpConfig):
         super().__init__(backbone, classes, config)
@@ -74,9 +114,9 @@ class CoOpModule(PromptModule):
         class_specific = bool(getattr(config, "class_specific", False))
         n_ctx, ctx_init = self._init_context(backbone, config, len(classes) if class_specific else None)
         self.n_ctx = n_ctx
-        names = [c.replace("_", " ") for c in classes]
+        names = [self.prepare_class_name(c) for c in classes]
         self.name_lens = [backbone_token_count(backbone, n) for n in names]
-        prompts = [" ".join(["X"] * n_ctx) + " " + name + "." for name in names]
+        prompts = [context_prompt(n_ctx, name) for name in names]
         tokens = backbone.tokenize(prompts)  # (C, L)
         with torch.no_grad():
             emb = text.embed_tokens(tokens)  # (C, L, Dt)

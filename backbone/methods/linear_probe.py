@@ -8,7 +8,7 @@ accuracy is kept (ties: the stronger regularisation).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import torch
 import torch.nn.functional as F
@@ -22,16 +22,20 @@ from .registry import MethodSpec, register
 if TYPE_CHECKING:
     from ..loading import Backbone
 
+MAX_L2 = 1e6  # far above any useful strength on L2-normalised features
+
 
 class LinearProbeConfig(MethodConfig):
-    l2_grid: list[float] = Field(
+    l2_grid: list[Annotated[float, Field(ge=0.0, le=MAX_L2)]] = Field(
         default_factory=lambda: [10.0 ** e for e in range(1, -7, -1)],
         min_length=1,
         max_length=64,
         description="L2 strengths to sweep (loss = mean cross-entropy + l2/2 * ||W||^2); the best on the "
-        "validation split is kept. Default 1e1 .. 1e-6.",
+        "validation split is kept. Default 1e1 .. 1e-6; each value 0 <= l2 <= 1e6.",
     )
-    l2_without_val: float = Field(1e-3, ge=0.0, description="L2 strength used when there is no validation split.")
+    l2_without_val: float = Field(
+        1e-3, ge=0.0, le=MAX_L2, description="L2 strength used when there is no validation split (0 .. 1e6)."
+    )
     max_iter: int = Field(300, ge=1, le=10_000, description="L-BFGS iterations per fit.")
 
     @field_validator("l2_grid")

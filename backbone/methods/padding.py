@@ -17,16 +17,26 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..towers import ImageFeatures
-from .base import PromptModule, TrainConfig, build_head, resolve_head
+from .base import (
+    MethodConfig, PromptModule, TrainConfig, build_head, head_prompts, lower_underscores_hyphens_to_spaces,
+    resolve_head,
+)
 from .registry import MethodSpec, register
 
 if TYPE_CHECKING:
-    from ..loading import Backbone
+    from ..loading import Backbone, TextTokens
 
 PAPER_PAD, PAPER_SIZE = 30, 224
 
 
 class PaddingConfig(TrainConfig):
+    """With the clip head, class names become text as the padding authors' reference code does
+    it (``refine_classname``): lowercased, and both '_' and '-' become spaces ('T-shirt_top' ->
+    't shirt top'); the name fills the template's '{}'. That prompt must fit the text encoder's
+    context (77 tokens for CLIP, start and end included) and no two classes may make the same
+    tokens ('t-shirt' and 't shirt' do): such a task is refused, never cut. The linear head
+    reads no text."""
+
     pad: int | None = Field(
         None,
         ge=1,
@@ -36,7 +46,11 @@ class PaddingConfig(TrainConfig):
     head: Literal["auto", "clip", "linear"] = Field(
         "auto", description="auto: clip with a text tower (the paper), else linear; clip; linear."
     )
-    template: str = Field("This is a photo of a {}", description="Class-name template of the clip head (the paper's).")
+    template: str = Field(
+        "This is a photo of a {}",
+        description="Class-name template of the clip head (the paper's); the name fills '{}' lowercased, with "
+        "'_' and '-' read as spaces, and the filled template must fit the text encoder's context (77 tokens).",
+    )
     epochs: int | None = Field(
         None,
         ge=1,
@@ -59,6 +73,15 @@ class PaddingConfig(TrainConfig):
 
 class PaddingModule(PromptModule):
     image_path = "pixels"
+    prepare_class_name = staticmethod(lower_underscores_hyphens_to_spaces)
+    text_prompt_hint = " or the template"
+
+    @classmethod
+    def text_prompts(
+        cls, classes: list[str], config: MethodConfig, tokens: "TextTokens | None"
+    ) -> list[list[str]] | None:
+        head, template = config.head, config.template  # type: ignore[attr-defined]
+        return head_prompts(classes, head, template, tokens, cls.prepare_class_name)
 
     def __init__(self, backbone: "Backbone", classes: list[str], config: PaddingConfig):
         super().__init__(backbone, classes, config)
@@ -70,7 +93,7 @@ class PaddingModule(PromptModule):
         self.pad_left = nn.Parameter(torch.randn(1, 3, s - 2 * p, p))
         self.pad_right = nn.Parameter(torch.randn(1, 3, s - 2 * p, p))
         self.head_kind = resolve_head(backbone, config.head)
-        self.classifier = build_head(backbone, classes, self.head_kind, config.template)
+        self.classifier = build_head(backbone, classes, self.head_kind, config.template, self.prepare_class_name)
 
     @classmethod
     def check_backbone(cls, backbone: "Backbone", config: PaddingConfig) -> None:

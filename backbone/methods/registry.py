@@ -6,13 +6,21 @@ and one import line in ``backbone/methods/__init__.py``.
 
 from __future__ import annotations
 
+import math
+import types
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import annotated_types
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from ..errors import ConfigError
-from .base import MethodConfig, PromptModule
+from .base import MethodConfig, PromptModule, check_text_prompts
+
+if TYPE_CHECKING:
+    from ..loading import TextTokens
 
 
 @dataclass(frozen=True)
@@ -46,14 +54,91 @@ def get_method(name: str) -> MethodSpec:
         raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(_REGISTRY)}") from None
 
 
+@dataclass(frozen=True)
+class FloatBounds:
+    """The accepted range of a float config field (of each item, for a list of floats)."""
+
+    name: str
+    lower: float
+    lower_inclusive: bool
+    upper: float
+    upper_inclusive: bool
+    is_list: bool = False
+
+    def __str__(self) -> str:
+        lo = ">=" if self.lower_inclusive else ">"
+        hi = "<=" if self.upper_inclusive else "<"
+        what = f"a list of finite numbers, each {lo}" if self.is_list else f"a finite number {self.name} {lo}"
+        return f"{what} {_num(self.lower)} and {hi} {_num(self.upper)}"
+
+    def contains(self, x: float) -> bool:
+        if not math.isfinite(x):
+            return False
+        above = x >= self.lower if self.lower_inclusive else x > self.lower
+        below = x <= self.upper if self.upper_inclusive else x < self.upper
+        return above and below
+
+
+def _num(x: float) -> str:
+    return f"{x:g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
+
+
+def _float_type(tp: Any) -> tuple[bool, bool, list[Any]]:
+    """(is a float, is a list of floats, metadata of the items) of an annotation."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if tp is float:
+        return True, False, []
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and args:
+        if len(args) == 1:
+            return _float_type(args[0])
+        return False, False, []
+    if typing.get_origin(tp) is list and len(args) == 1:
+        item = args[0]
+        meta: list[Any] = []
+        if typing.get_origin(item) is typing.Annotated:
+            item, *extra = typing.get_args(item)
+            for m in extra:
+                meta.extend(m.metadata if isinstance(m, FieldInfo) else [m])
+        if item is float:
+            return True, True, meta
+    return False, False, []
+
+
+def float_bounds(cls: type[MethodConfig]) -> dict[str, FloatBounds]:
+    """Every float field (and list-of-floats field) of a config class with its bounds.
+    A missing bound reads as -inf/inf (tests require every field to declare both)."""
+    out: dict[str, FloatBounds] = {}
+    for name, f in cls.model_fields.items():
+        is_float, is_list, item_meta = _float_type(f.annotation)
+        if not is_float:
+            continue
+        lower, lower_inc, upper, upper_inc = -math.inf, False, math.inf, False
+        for m in item_meta if is_list else f.metadata:
+            if isinstance(m, annotated_types.Gt):
+                lower, lower_inc = float(m.gt), False
+            elif isinstance(m, annotated_types.Ge):
+                lower, lower_inc = float(m.ge), True
+            elif isinstance(m, annotated_types.Lt):
+                upper, upper_inc = float(m.lt), False
+            elif isinstance(m, annotated_types.Le):
+                upper, upper_inc = float(m.le), True
+        out[name] = FloatBounds(name, lower, lower_inc, upper, upper_inc, is_list)
+    return out
+
+
 def _describe(exc: ValidationError, cls: type[MethodConfig], method: str) -> str:
     msgs = []
+    bounds = float_bounds(cls)
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
             msgs.append(f"unknown config key {loc!r} for method {method}; accepted keys: {', '.join(cls.model_fields)}")
         elif loc:
-            msgs.append(f"config key {loc!r}: {err['msg']} (got {err.get('input')!r})")
+            msg = f"config key {loc!r}: {err['msg']} (got {err.get('input')!r})"
+            key = err["loc"][0]
+            if key in bounds:
+                msg += f"; accepted: {bounds[key]}"
+            msgs.append(msg)
         else:
             msgs.append(f"config for method {method}: {err['msg']}")
     return "; ".join(msgs)
@@ -81,9 +166,23 @@ def validate_config(method: str, config: dict[str, Any] | None) -> dict[str, Any
     return parse_config(method, config).model_dump(mode="json")
 
 
+def check_class_texts(
+    method: str, classes: list[str], config: dict[str, Any] | MethodConfig | None, tokens: "TextTokens | None"
+) -> None:
+    """ConfigError when a class's text prompt for ``method`` and ``config`` would not fit the text
+    encoder's context, or two classes' prompts make the same tokens (``check_text_prompts``).
+    Needs only the tokenizer (``Backbone.text_tokens`` or ``loading.text_tokens_for_spec``)."""
+    spec = get_method(method)
+    check_text_prompts(spec.name, spec.module_cls, list(classes), parse_config(method, config), tokens)
+
+
 def describe_config(method: str) -> dict[str, dict[str, Any]]:
     """Field name -> {default, description} for documentation and forms."""
     cls = get_method(method).config_cls
-    return {
+    bounds = float_bounds(cls)
+    out = {
         name: {"default": f.default, "description": f.description or ""} for name, f in cls.model_fields.items()
     }
+    for name, b in bounds.items():
+        out[name]["bounds"] = str(b)
+    return out

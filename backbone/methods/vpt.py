@@ -22,13 +22,21 @@ from pydantic import Field
 from torch import nn
 
 from ..towers import ImageFeatures, TokenPrompts
-from .base import PromptModule, TrainConfig, build_head, resolve_head
+from .base import (
+    MethodConfig, PromptModule, TrainConfig, build_head, head_prompts, resolve_head, underscores_to_spaces,
+)
 
 if TYPE_CHECKING:
-    from ..loading import Backbone
+    from ..loading import Backbone, TextTokens
 
 
 class VPTConfig(TrainConfig):
+    """With the clip head, class names become text as in CLIP's prompts here: '_' becomes a
+    space ('dog_house' -> 'dog house'), hyphens and case are kept, and the name fills the
+    template's '{}'. That prompt must fit the text encoder's context (77 tokens for CLIP, start
+    and end included) and no two classes may make the same tokens (the tokenizer ignores case
+    and extra whitespace): such a task is refused, never cut. The linear head reads no text."""
+
     n_tokens: int = Field(10, ge=0, le=200, description="Prompt tokens per layer (0 gives the plain forward).")
     prompt_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the prompts while training.")
     head: Literal["linear", "clip"] = Field(
@@ -36,7 +44,11 @@ class VPTConfig(TrainConfig):
         description="linear: a Linear on the final-normed [CLS] feature (the paper); clip: the CLIP text "
         "classifier ('a photo of a {}.') on the projected [CLS] feature (open_clip backbones only).",
     )
-    template: str = Field("a photo of a {}.", description="Class-name template of the clip head.")
+    template: str = Field(
+        "a photo of a {}.",
+        description="Class-name template of the clip head; the name fills '{}' with '_' read as a space, and "
+        "the filled template must fit the text encoder's context (77 tokens).",
+    )
     epochs: int | None = Field(None, ge=1, le=10_000, description="Training epochs. None: 100 (the paper, FGVC).")
     lr: float = Field(
         0.25,
@@ -57,6 +69,15 @@ class VPTConfig(TrainConfig):
 class VPTModule(PromptModule):
     image_path = "tokens"
     is_deep: ClassVar[bool] = False
+    prepare_class_name = staticmethod(underscores_to_spaces)
+    text_prompt_hint = " or the template"
+
+    @classmethod
+    def text_prompts(
+        cls, classes: list[str], config: MethodConfig, tokens: "TextTokens | None"
+    ) -> list[list[str]] | None:
+        head, template = config.head, config.template  # type: ignore[attr-defined]
+        return head_prompts(classes, head, template, tokens, cls.prepare_class_name)
 
     def __init__(self, backbone: "Backbone", classes: list[str], config: VPTConfig):
         super().__init__(backbone, classes, config)
@@ -68,7 +89,7 @@ class VPTModule(PromptModule):
         nn.init.uniform_(self.prompts, -v, v)
         self.prompt_dropout = nn.Dropout(config.prompt_dropout)
         self.head_kind = resolve_head(backbone, config.head)
-        self.classifier = build_head(backbone, classes, self.head_kind, config.template)
+        self.classifier = build_head(backbone, classes, self.head_kind, config.template, self.prepare_class_name)
 
     @classmethod
     def check_backbone(cls, backbone: "Backbone", config: VPTConfig) -> None:

@@ -8,11 +8,11 @@ import torch
 from pydantic import Field, field_validator
 
 from ..towers import ImageFeatures
-from .base import MethodConfig, PromptModule, class_text_features, clip_logits
+from .base import MethodConfig, PromptModule, class_text_features, clip_logits, template_prompts, underscores_to_spaces
 from .registry import MethodSpec, register
 
 if TYPE_CHECKING:
-    from ..loading import Backbone
+    from ..loading import Backbone, TextTokens
 
 SINGLE_TEMPLATE = "a photo of a {}."
 
@@ -24,16 +24,25 @@ def _openclip_templates(name: str) -> list[str]:
 
 
 class ZeroshotConfig(MethodConfig):
+    """Class names become text as CLIP's prompts here: '_' becomes a space ('dog_house' ->
+    'dog house'), hyphens and case are kept; each template gets the name in its '{}'. Every
+    class's prompt must fit the text encoder's context (77 tokens for CLIP, start and end
+    included) and no two classes may make the same tokens (the tokenizer ignores case and extra
+    whitespace): such a task is refused, never cut."""
+
     templates: Literal["single", "ensemble", "imagenet80"] = Field(
         "single",
         description="single: 'a photo of a {}.'; ensemble: CLIP's 7 recommended ImageNet templates; "
-        "imagenet80: CLIP's 80 ImageNet templates. Ensembles average normalised text features.",
+        "imagenet80: CLIP's 80 ImageNet templates. Ensembles average normalised text features. "
+        "The class name fills '{}' with '_' read as a space; every prompt must fit the text encoder's "
+        "context (77 tokens), or the task is refused.",
     )
     custom_templates: list[str] | None = Field(
         None,
         min_length=1,
         max_length=256,
-        description="Your own templates, each containing '{}' once for the class name; overrides 'templates'.",
+        description="Your own templates, each containing '{}' once for the class name ('_' read as a space); "
+        "overrides 'templates'. Each filled template must fit the text encoder's context (77 tokens).",
     )
 
     @field_validator("custom_templates")
@@ -57,12 +66,24 @@ class ZeroshotConfig(MethodConfig):
 class ZeroshotModule(PromptModule):
     image_path = "features"
     needs_text = True
+    prepare_class_name = staticmethod(underscores_to_spaces)
+    text_prompt_hint = " or the template"
+
+    @classmethod
+    def text_prompts(
+        cls, classes: list[str], config: ZeroshotConfig, tokens: "TextTokens | None"
+    ) -> list[list[str]] | None:
+        if tokens is None:
+            return None
+        return template_prompts(classes, config.template_list(), cls.prepare_class_name)
 
     def __init__(self, backbone: "Backbone", classes: list[str], config: ZeroshotConfig):
         super().__init__(backbone, classes, config)
         # derived from the backbone and the config, so never saved: (C, E)
         self.register_buffer(
-            "text_feats", class_text_features(backbone, classes, config.template_list()), persistent=False
+            "text_feats",
+            class_text_features(backbone, classes, config.template_list(), self.prepare_class_name),
+            persistent=False,
         )
 
     def head(self, feats: ImageFeatures) -> torch.Tensor:  # -> (B, C)

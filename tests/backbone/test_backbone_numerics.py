@@ -1,4 +1,4 @@
-"""Numerics of the methods against METHODS.md: CoOp prompt assembly, CoOp == zeroshot,
+"""Numerics of the methods against the authors' reference code (docs/methods.md): CoOp prompt assembly, CoOp == zeroshot,
 ensembles, CoCoOp's meta-net, VPT insertion and init, the padding frame, linear-probe."""
 
 from __future__ import annotations
