@@ -43,7 +43,9 @@ def create_app(
     settings = settings or get_settings()
     registry = CollectorRegistry()
     http_metrics = HttpMetrics(registry)
-    backbone = runtime.BackboneHolder(settings.backbone, settings.device)
+    backbone = runtime.BackboneHolder(settings.backbone, settings.device, on_loaded=lambda bb: log.info(
+        "ready to serve: backbone %s loaded on %s", runtime.public_text(bb.spec), bb.device
+    ))
     objects = runtime.get_object_store(settings)
     sm = runtime.get_sessionmaker(settings.database_url)
     state = ServiceState(
@@ -73,11 +75,14 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        state.backbone.start()
+        log.info(
+            "starting (jobs: %s); /readyz answers 503 until backbone %s is loaded",
+            getattr(state.dispatcher, "kind", "?"), runtime.public_text(settings.backbone),
+        )
+        state.backbone.start()  # logs "ready to serve" once loaded
         state.inference.start()
         state.requests.start()
         state.dispatcher.start()
-        log.info("promptstore ready to serve (jobs: %s)", getattr(state.dispatcher, "kind", "?"))
         try:
             yield
         finally:

@@ -8,7 +8,9 @@ per URL.
 from __future__ import annotations
 
 import logging
+import re
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -84,6 +86,24 @@ def get_object_store(settings: "Settings") -> ObjectStore:
         return objects
 
 
+#: An absolute path (POSIX or Windows) standing alone or after ':' or '=' (not a URL's '//').
+_PATH = re.compile(r"""(?:(?<=^)|(?<=[\s:='"(]))(?:/(?!/)|[A-Za-z]:\\)[^\s'"(),;]+""")
+_URL_CREDENTIALS = re.compile(r"(\w+://)[^/\s@]+@")
+
+
+def public_reason(exc: BaseException) -> str:
+    """``exc``'s message fit for a client (see ``public_text``)."""
+    return public_text(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+
+
+def public_text(msg: str) -> str:
+    """``msg`` fit for a client: no server path (a path is shortened to its last part) and no
+    credentials in URLs; at most 300 characters."""
+    msg = _URL_CREDENTIALS.sub(r"\1", msg)
+    msg = _PATH.sub(lambda m: ".../" + re.split(r"[\\/]", m.group(0).rstrip("\\/"))[-1], msg)
+    return msg[:300]
+
+
 class BackboneNotReady(Exception):
     """The backbone is still loading, or failed to load (the message says which)."""
 
@@ -93,9 +113,10 @@ class BackboneHolder:
     /healthz (and /readyz says "loading") while big weights load, and a worker's first job
     does not wait for the load it would otherwise start."""
 
-    def __init__(self, spec: str, device: str | None) -> None:
+    def __init__(self, spec: str, device: str | None, on_loaded: "Callable[[Backbone], None] | None" = None) -> None:
         self.spec = spec
         self.device = device
+        self.on_loaded = on_loaded  # called once, in the loading thread, when the backbone is usable
         self._thread: threading.Thread | None = None
         self._error: str | None = None
         self._done = threading.Event()
@@ -108,12 +129,15 @@ class BackboneHolder:
 
     def _load(self) -> None:
         try:
-            get_backbone(self.spec, self.device)
+            bb = get_backbone(self.spec, self.device)
         except Exception as exc:  # BackboneError and the like: said in /readyz and the log
             _backbone_log.error("backbone %s failed to load: %s", self.spec, exc)
-            self._error = f"{type(exc).__name__}: {exc}"
-        finally:
+            self._error = public_reason(exc)
             self._done.set()
+            return
+        self._done.set()
+        if self.on_loaded is not None:
+            self.on_loaded(bb)
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
@@ -123,7 +147,7 @@ class BackboneHolder:
         if bb is not None:
             return bb
         if self._error is not None:
-            raise BackboneNotReady(f"backbone failed to load ({self._error.split(':')[0]})")
+            raise BackboneNotReady(f"backbone failed to load: {self._error}")
         raise BackboneNotReady("backbone is still loading")
 
     @property

@@ -122,14 +122,19 @@ def _require_form(request: Request, csrf: str | None) -> auth.Admin:
     return admin
 
 
-def _to_login(request: Request) -> HTMLResponse:
-    """401 with the login form (and nothing else); after logging in it returns here."""
+def _to_login(request: Request, *, basic: bool = False) -> HTMLResponse:
+    """401 with the login form (and nothing else); after logging in it returns here. With
+    ``basic`` (the dashboard's entry page, /admin) the challenge offers Basic first, so a
+    browser shows its own login dialog (user admin, password the token); the form in the body
+    is there when the dialog is dismissed. Other pages challenge Bearer only, so a link into
+    the dashboard lands on the form."""
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     resp = _render(
         "login.html", time.perf_counter(), status=401, next=_safe_next(target), error=None,
         disabled=not _state(request).settings.admin_token,
     )
-    resp.headers["WWW-Authenticate"] = 'Bearer realm="promptstore admin"'
+    realm = 'realm="promptstore admin"'
+    resp.headers["WWW-Authenticate"] = f"Basic {realm}, Bearer {realm}" if basic else f"Bearer {realm}"
     return resp
 
 
@@ -271,7 +276,7 @@ def overview_page(request: Request) -> Response:
     started = time.perf_counter()
     admin = _admin(request)
     if admin is None:
-        return _to_login(request)
+        return _to_login(request, basic=True)
     return _render("overview.html", started, admin=admin, nav="overview", o=_overview_data(request))
 
 
@@ -416,12 +421,14 @@ def cancel_task(request: Request, task_id: str, csrf: str = Form("")) -> Respons
     _require_form(request, csrf)
     tenant_id = _task_tenant(request, task_id)
     with session_scope(_state(request).sessionmaker) as s:
-        before = repo.get_task(s, task_id, tenant_id=tenant_id)
-        active = before is not None and before.run_status in ACTIVE_STATUSES
-        if repo.request_cancel(s, task_id, tenant_id=tenant_id) is None:
-            raise ApiError(404, f"task {task_id} not found")
+        try:
+            if repo.request_cancel(s, task_id, tenant_id=tenant_id) is None:
+                raise ApiError(404, f"task {task_id} not found")
+        except repo.TaskStateError as exc:
+            log.info("admin cancel of task %s: %s", task_id, exc)
+            return _back(task_id, done="idle")
     log.info("admin cancelled task %s", task_id)
-    return _back(task_id, done="cancelled" if active else "idle")
+    return _back(task_id, done="cancelled")
 
 
 @router.post("/tasks/{task_id}/retry")

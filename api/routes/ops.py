@@ -12,7 +12,7 @@ from sqlalchemy import text
 
 from api.deps import get_state
 from api.state import ServiceState
-from worker.runtime import BackboneNotReady
+from worker.runtime import BackboneNotReady, public_text
 from store.db import session_scope
 
 log = logging.getLogger("promptstore.api")
@@ -57,10 +57,11 @@ def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
         checks[part] = "ok" if err is None else err
         if err:
             failures.append(err)
-    backbone: dict[str, Any] = {"id": state.settings.backbone, "weights": None, "status": "loading"}
+    # /readyz is unauthenticated: a checkpoint path in the spec shows as its file name only
+    backbone: dict[str, Any] = {"id": public_text(state.settings.backbone), "weights": None, "status": "loading"}
     try:
         bb = state.backbone.get()
-        backbone = {"id": bb.spec, "weights": bb.weights, "status": "ok", "device": str(bb.device)}
+        backbone = {"id": public_text(bb.spec), "weights": bb.weights, "status": "ok", "device": str(bb.device)}
     except BackboneNotReady as exc:
         backbone["status"] = str(exc)
         failures.append(str(exc))

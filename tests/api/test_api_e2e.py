@@ -230,8 +230,10 @@ def test_cancel_first_run_then_retry(settings_factory: Any, make_api: Any) -> No
     assert r.status_code == 202
     t = api.wait(tenant, tid, lambda t: t["status"] == "cancelled", timeout=60)
     assert t["version"] is None and t["error"] is None
-    # Cancel again: nothing to cancel, still 202 and unchanged.
-    assert api.client.post(f"/v1/tasks/{tid}/cancel", headers=tenant).json()["status"] == "cancelled"
+    # Cancel again: nothing to cancel, 409 naming the state, and the task is unchanged.
+    r = api.client.post(f"/v1/tasks/{tid}/cancel", headers=tenant)
+    assert r.status_code == 409 and "no queued or running run to cancel (status cancelled)" in r.json()["detail"]
+    assert api.task(tenant, tid)["status"] == "cancelled"
     # Retrain is the way to retry.
     r = api.client.post(f"/v1/tasks/{tid}/retrain", data={"config": json.dumps(FAST["coop"])}, headers=tenant)
     assert r.status_code == 202 and r.json()["status"] == "queued"

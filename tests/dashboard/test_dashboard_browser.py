@@ -20,8 +20,10 @@ ENDLESS = {"epochs": 10_000, "batch_size": 2}
 
 
 def login(pg: Any, base_url: str, token: str = TEST_ADMIN_TOKEN) -> None:
-    response = pg.goto(f"{base_url}/admin")
-    assert response.status == 401  # the login form, nothing else
+    # /admin itself challenges Basic first (the browser's own dialog, which headless Chromium
+    # refuses without credentials); the form is the login page's and every other page's
+    response = pg.goto(f"{base_url}/admin/login")
+    assert response.status == 200
     pg.fill("#token", token)
     pg.click("button[type=submit]")
     pg.wait_for_url(f"{base_url}/admin")
@@ -163,3 +165,17 @@ def test_create_a_tenant_and_see_its_key_once(settings_factory: Any, live_server
     assert key not in page.content()
     shots(page, "2-listed")
     assert TEST_ADMIN_TOKEN not in page.content()
+
+
+def test_the_browser_logs_in_to_admin_with_basic_auth(
+    settings_factory: Any, live_server: Any, browser: Any, shots: Any
+) -> None:
+    base = live_server(settings_factory()).url
+    ctx = browser.new_context(http_credentials={"username": "admin", "password": TEST_ADMIN_TOKEN})
+    try:
+        pg = ctx.new_page()
+        assert pg.goto(f"{base}/admin").status == 200
+        assert pg.is_visible("#random-weights")  # the overview, not the login form
+        shots(pg, "basic-auth")
+    finally:
+        ctx.close()

@@ -1,0 +1,78 @@
+"""Messages tell the truth and the next step: readiness names why the backbone is not usable
+(without server paths), "ready to serve" is logged only once it is, a finished task cannot be
+cancelled (409 naming its state), and /admin offers the browser's Basic login."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from apiclient import ADMIN, Api, _one_torch_thread, make_api, running_app  # noqa: F401
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+
+
+def test_readyz_names_why_the_backbone_failed_without_server_paths(settings_factory: Any, tmp_path: Path) -> None:
+    missing = tmp_path / "secret-folder" / "weights.safetensors"
+    settings = settings_factory(backbone=f"open_clip:tiny:{missing}")
+    app = create_app(settings)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert app.state.ps.backbone.wait(60)
+        r = client.get("/readyz")
+    assert r.status_code == 503
+    body = r.json()
+    assert "backbone failed to load:" in body["detail"] and "weights.safetensors" in body["detail"]
+    assert str(tmp_path) not in r.text and "secret-folder" not in r.text
+    assert body["checks"]["backbone"].startswith("backbone failed to load: ")
+
+    settings = settings_factory(backbone="open_clip:no-such-arch:random")
+    app = create_app(settings)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert app.state.ps.backbone.wait(60)
+        detail = client.get("/readyz").json()["detail"]
+    assert "no-such-arch" in detail and "BackboneError" not in detail
+
+
+def test_ready_to_serve_is_logged_when_the_backbone_is_loaded(settings_factory: Any, caplog: Any) -> None:
+    with caplog.at_level(logging.INFO, logger="promptstore.api"):
+        with running_app(settings_factory()) as client:
+            assert client.get("/readyz").status_code == 200
+    messages = [r.getMessage() for r in caplog.records if r.name == "promptstore.api"]
+    accepting = next(i for i, m in enumerate(messages) if m.startswith("starting (jobs: threads)"))
+    ready = next(i for i, m in enumerate(messages) if m.startswith("ready to serve: backbone open_clip:tiny:random"))
+    assert "/readyz answers 503 until backbone" in messages[accepting]
+    assert ready > accepting
+
+    bad = settings_factory(backbone="open_clip:no-such-arch:random")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="promptstore.api"):
+        app = create_app(bad)
+        with TestClient(app, raise_server_exceptions=False):
+            app.state.ps.backbone.wait(60)
+    assert not any(r.getMessage().startswith("ready to serve") for r in caplog.records)
+
+
+def test_cancel_with_nothing_to_cancel_is_409_naming_the_state(settings_factory: Any, make_api: Any) -> None:
+    api: Api = make_api(settings_factory())
+    tenant = api.tenant()
+    tid = api.create_task(tenant, "zeroshot", classes=["cat", "dog"]).json()["id"]
+    api.wait_ready(tenant, tid)
+    r = api.client.post(f"/v1/tasks/{tid}/cancel", headers=tenant)
+    assert r.status_code == 409, r.text
+    assert r.json()["detail"] == f"task {tid} has no queued or running run to cancel (status ready)"
+    assert api.task(tenant, tid)["status"] == "ready"
+    assert api.client.post("/v1/tasks/nope/cancel", headers=tenant).status_code == 404
+
+
+def test_admin_login_offers_basic_auth(settings_factory: Any, make_api: Any) -> None:
+    api: Api = make_api(settings_factory())
+    r = api.client.get("/admin")
+    assert r.status_code == 401
+    challenge = r.headers["WWW-Authenticate"]
+    assert challenge.startswith('Basic realm="promptstore admin"') and "Bearer" in challenge
+    assert 'id="token"' in r.text  # the login form is still the body
+    r = api.client.get("/admin/tasks")  # a link into the dashboard lands on the form
+    assert r.status_code == 401 and r.headers["WWW-Authenticate"] == 'Bearer realm="promptstore admin"'
+    assert api.client.get("/admin", auth=("admin", ADMIN["Authorization"].split()[1])).status_code == 200
