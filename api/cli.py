@@ -231,6 +231,22 @@ def _require_index(database_url: str) -> None:
         _fail(f"the database {where} {state}; run `promptstore migrate` first", 1)
 
 
+@app.command()
+def methods(name: str = typer.Argument(None, help="One method (default: all).")) -> None:
+    """Print each method's config fields: default, accepted values, description (Markdown)."""
+    from api.methods_doc import all_blocks, config_table
+
+    if name is None:
+        typer.echo(all_blocks())
+        return
+    from backbone import ConfigError
+
+    try:
+        typer.echo(config_table(name))
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
 @tenant_app.command("create")
 def tenant_create(name: str = typer.Argument(..., help="Unique tenant name.")) -> None:
     """Create a tenant; prints {"id", "name", "api_key"} as one JSON object. The key is shown
@@ -325,6 +341,12 @@ def bench_dashboard(
     run_dashboard_bench(
         out, tasks=tasks, tenants=tenants, epochs=epochs, classes=classes, repeat=repeat, database_url=database_url
     )
+
+
+# The tenant's side over HTTP (tasks, classify, prompt), `tenant list` and --version: api.cli_tenant.
+from api.cli_tenant import register as _register_http_commands  # noqa: E402
+
+_register_http_commands(app, tenant_app)
 
 
 if __name__ == "__main__":  # pragma: no cover
