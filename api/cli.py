@@ -58,8 +58,30 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+class _OwnNames(logging.Filter):
+    """Libraries that log through the root logger (open_clip calls ``logging.info``) get their
+    package's name on the line instead of ``root``; their routine INFO lines (model config
+    parsing, tokenizer choice) are dropped unless the level is DEBUG: the service logs what
+    matters of them itself (the backbone loaded, random weights)."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "root":
+            parts = Path(record.pathname).parts
+            if "site-packages" in parts:
+                i = parts.index("site-packages")
+                record.name = ".".join([*parts[i + 1:-1], Path(record.pathname).stem])
+                if record.levelno <= logging.INFO and self.level > logging.DEBUG:
+                    return False
+        return True
+
+
 def setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_OwnNames(level))
     if log_format == "json":
         handler.setFormatter(_JsonFormatter())
     else:

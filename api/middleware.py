@@ -124,11 +124,18 @@ class MetricsMiddleware:
             self.metrics.latency.labels(route, method).observe(time.perf_counter() - start)
 
 
+#: Routes polled by machines (probes, scrapes, the docs' assets): logged at DEBUG unless they fail.
+_ROUTINE_PATHS = ("/healthz", "/readyz", "/metrics", "/docs-assets/", "/admin/static/", "/admin/api/")
+
+
 def _access_log(scope: dict[str, Any], status: int, seconds: float) -> None:
     """One line per request, inside the request's log context (so that JSON logs carry its
-    request, tenant and task ids); replaces uvicorn's access log."""
+    request, tenant and task ids); replaces uvicorn's access log. Probes, metric scrapes,
+    static assets and the dashboard's live polling go at DEBUG while they succeed."""
     method, path = scope.get("method", "GET"), scope.get("path", "")
-    access_log.info(
+    routine = status < 400 and path.startswith(_ROUTINE_PATHS)
+    access_log.log(
+        logging.DEBUG if routine else logging.INFO,
         "%s %s %d %.1fms", method, path, status, 1000 * seconds,
         extra={"http": {"method": method, "path": path, "route": _route_template(scope), "status": status,
                         "duration_ms": round(1000 * seconds, 2)}},

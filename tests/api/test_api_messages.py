@@ -76,3 +76,32 @@ def test_admin_login_offers_basic_auth(settings_factory: Any, make_api: Any) -> 
     r = api.client.get("/admin/tasks")  # a link into the dashboard lands on the form
     assert r.status_code == 401 and r.headers["WWW-Authenticate"] == 'Bearer realm="promptstore admin"'
     assert api.client.get("/admin", auth=("admin", ADMIN["Authorization"].split()[1])).status_code == 200
+
+
+def test_routine_requests_log_at_debug_and_failures_at_info(settings_factory: Any, make_api: Any, caplog: Any) -> None:
+    api: Api = make_api(settings_factory())
+    with caplog.at_level(logging.DEBUG, logger="promptstore.access"):
+        api.client.get("/healthz")
+        api.client.get("/metrics")
+        api.client.get("/v1/tasks")  # 401: not routine
+        api.client.get("/v1/tasks", headers={"Authorization": "Bearer nope"})
+    levels = {(r.getMessage().split()[1], r.levelno) for r in caplog.records if r.name == "promptstore.access"}
+    assert ("/healthz", logging.DEBUG) in levels and ("/metrics", logging.DEBUG) in levels
+    assert ("/v1/tasks", logging.INFO) in levels
+
+
+def test_library_lines_through_the_root_logger_carry_their_own_name() -> None:
+    from api.cli import _OwnNames
+
+    def record(level: int, path: str) -> logging.LogRecord:
+        return logging.LogRecord("root", level, path, 1, "msg", None, None)
+
+    lib = "/venv/lib/python3.11/site-packages/open_clip/factory.py"
+    f = _OwnNames(logging.INFO)
+    assert f.filter(record(logging.INFO, lib)) is False  # routine: dropped at INFO
+    warn = record(logging.WARNING, lib)
+    assert f.filter(warn) is True and warn.name == "open_clip.factory"
+    debug = record(logging.INFO, lib)
+    assert _OwnNames(logging.DEBUG).filter(debug) is True and debug.name == "open_clip.factory"
+    own = logging.LogRecord("promptstore.api", logging.INFO, "/x/api/app.py", 1, "m", None, None)
+    assert f.filter(own) is True and own.name == "promptstore.api"
