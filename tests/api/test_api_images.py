@@ -113,3 +113,32 @@ def test_bad_classify_input_is_a_4xx_naming_the_problem(
     # The service keeps answering.
     ok = api.client.post(url, json={"images": [b64(image_bytes())]}, headers=tenant)
     assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("orientation", [6, 3, 8])
+def test_a_phone_photo_is_classified_upright(ready_task: tuple[Api, dict[str, str], str], orientation: int) -> None:
+    """A JPEG stored sideways with EXIF Orientation (what phones write) scores, over HTTP, as
+    the upright picture a viewer shows, not as its stored pixels."""
+    import numpy as np
+
+    api, tenant, task_id = ready_task
+    rng = np.random.default_rng(orientation)
+    y, x = np.mgrid[0:24, 0:48]
+    stored = np.clip(np.stack([x * 5, y * 10, (x + y) * 3], -1) + rng.normal(0, 25, (24, 48, 3)), 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(stored.astype(np.uint8)).save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    phone = buf.getvalue()
+    with Image.open(io.BytesIO(phone)) as raw:
+        pixels = np.asarray(raw.convert("RGB"))  # the stored pixels, as decoded
+    turn = {3: lambda a: a[::-1, ::-1], 6: lambda a: np.rot90(a, -1), 8: lambda a: np.rot90(a, 1)}[orientation]
+    as_seen, sideways = (io.BytesIO(), io.BytesIO())
+    Image.fromarray(np.ascontiguousarray(turn(pixels))).save(as_seen, format="PNG")
+    Image.fromarray(pixels).save(sideways, format="PNG")
+    r = api.classify_files(tenant, task_id, [phone, as_seen.getvalue(), sideways.getvalue()])
+    assert r.status_code == 200, r.text
+    got, want, stored_scores = ({p["label"]: p["score"] for p in preds} for preds in r.json()["predictions"])
+    assert max(abs(got[c] - want[c]) for c in CLASSES) <= 1e-5
+    if orientation != 3:  # a half turn of a near-symmetric picture may score alike; a quarter turn does not
+        assert max(abs(stored_scores[c] - want[c]) for c in CLASSES) > 1e-6
