@@ -17,6 +17,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from api.errors import ApiError
+from store import textinput
 from store.images import ImageError, decode_image
 
 _WS = re.compile(r"\s+")
@@ -46,10 +47,10 @@ async def read_image_payloads(request: Request, max_images: int) -> list[bytes]:
         finally:
             await form.close()
     if ctype in ("application/json", "") or ctype.endswith("+json"):
-        raw = await request.body()
-        try:
-            body: Any = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        raw = await request.body()  # its size is bounded by api.middleware.BodyLimitMiddleware
+        try:  # depth, UTF-8 and Unicode bounds first (store.textinput): 422 naming the body
+            body: Any = textinput.loads_checked("request body", raw, max_bytes=len(raw))
+        except json.JSONDecodeError:
             raise ApiError(422, 'request body is not valid JSON; send {"images": ["<base64>", ...]}') from None
         if not isinstance(body, dict) or not isinstance(body.get("images"), list):
             raise ApiError(422, 'JSON body must be an object {"images": ["<base64>", ...]}')

@@ -83,29 +83,49 @@ class TaskList(BaseModel):
     count: int
 
 
+def _fraction(value: Any) -> float:
+    from store.textinput import as_fraction
+
+    return as_fraction(value)
+
+
+def _strings(value: Any) -> list[str]:
+    return [v if isinstance(v, str) else str(v) for v in value] if isinstance(value, list) else []
+
+
 def task_public(task: Any) -> TaskPublic:
+    """The task as the API shows it. Whatever is stored fits the model: JSON columns are read
+    safe (``store.textinput.loads_stored``), and a value of the wrong shape shows as empty."""
     training = None
-    if task.training:
+    if isinstance(task.training, dict):
         t = task.training
+        err = t.get("error")
         training = TrainingState(
-            status=str(t.get("status")), progress=float(t.get("progress") or 0.0), error=t.get("error")
+            status=str(t.get("status")), progress=_fraction(t.get("progress")),
+            error=err if isinstance(err, str) or err is None else str(err),
         )
+    history = task.history if isinstance(task.history, list) and all(isinstance(h, dict) for h in task.history) else None
+    confusion = task.confusion
+    if not (isinstance(confusion, list) and all(
+        isinstance(row, list) and all(isinstance(n, int) for n in row) for row in confusion
+    )):
+        confusion = None
     return TaskPublic(
         id=task.id,
         name=task.name,
         method=task.method,
         status=task.status,
-        progress=float(task.progress or 0.0),
-        classes=list(task.classes or []),
-        config=dict(task.config or {}),
-        metrics=task.metrics,
+        progress=_fraction(task.progress),
+        classes=_strings(task.classes),
+        config=task.config if isinstance(task.config, dict) else {},
+        metrics=task.metrics if isinstance(task.metrics, dict) else None,
         error=task.error,
         version=task.version,
         training=training,
-        history=task.history,
-        confusion=task.confusion,
+        history=history,
+        confusion=confusion,
         dataset_id=task.dataset_id,
-        warnings=list(getattr(task, "dataset_warnings", None) or []),
+        warnings=_strings(getattr(task, "dataset_warnings", None)),
         created_at=task.created_at,
         updated_at=task.updated_at,
     )

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
+from store.textinput import as_fraction
 from store.models import ACTIVE_STATUSES, Dataset, PromptVersion, Task, Tenant
 
 #: Sort keys the task table accepts, mapped to columns (anything else is refused upstream).
@@ -59,7 +60,7 @@ def _row(r: Any) -> TaskRow:
     if r.version is not None:
         # a served task: the retrain run if there is one, else the published run (done)
         run_status = training.get("status")
-        run_progress = float(training.get("progress") or 0.0) if training else 1.0
+        run_progress = as_fraction(training.get("progress")) if training else 1.0
         error = training.get("error")
     else:
         run_status, run_progress, error = r.status, float(r.progress or 0.0), r.error

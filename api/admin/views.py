@@ -20,6 +20,7 @@ from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from store.textinput import as_fraction
 from api.admin import auth, charts, panels
 from api.deps import admin_attempt
 from api.errors import ApiError
@@ -375,7 +376,7 @@ def task_page(request: Request, task_id: str, done: str | None = None, problem: 
     training = t.training or {}
     run_status = training.get("status") if t.version is not None else t.status
     if t.version is not None:  # the retrain run if there is one, else the published run (done)
-        run_progress = float(training.get("progress") or 0.0) if training else 1.0
+        run_progress = as_fraction(training.get("progress")) if training else 1.0
     else:
         run_progress = float(t.progress or 0.0)
     run_error = training.get("error") if t.version is not None else t.error

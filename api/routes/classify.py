@@ -95,7 +95,8 @@ def _ref_of(info: repo.ServingInfo | None, task_id: str) -> ServingRef:
     openapi_extra=_BODY,
     responses={
         401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 409: {"model": ErrorOut},
-        413: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": ErrorOut},
+        413: {"model": ErrorOut}, 415: {"model": ErrorOut, "description": "Neither multipart nor JSON."},
+        422: {"model": ErrorOut}, 503: {"model": ErrorOut},
         429: {"model": ErrorOut, "description": "Over the tenant's classify rate (see Retry-After)."},
     },
 )

@@ -6,13 +6,20 @@ from fastapi import APIRouter, Depends
 
 from api.deps import DbSession, require_admin
 from api.errors import ApiError
-from api.schemas import TenantCreate, TenantCreated, TenantList, TenantPublic
+from api.jsonroute import CheckedJSONRoute
+from api.schemas import ErrorOut, TenantCreate, TenantCreated, TenantList, TenantPublic
 from store import repo
 
-router = APIRouter(prefix="/v1/admin/tenants", tags=["tenants (admin)"], dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/v1/admin/tenants", tags=["tenants (admin)"], dependencies=[Depends(require_admin)],
+    route_class=CheckedJSONRoute,  # JSON bodies bounded before parsing (store.textinput)
+)
 
 
-@router.post("", status_code=201, response_model=TenantCreated)
+@router.post(
+    "", status_code=201, response_model=TenantCreated,
+    responses={409: {"model": ErrorOut, "description": "A tenant with that name exists."}},
+)
 def create_tenant(body: TenantCreate, s: DbSession) -> TenantCreated:
     """Create a tenant; the answer holds its API key, which is shown only here."""
     try:
