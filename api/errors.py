@@ -21,6 +21,8 @@ from api.ratelimit import RateLimited
 from store.archive import DatasetError
 from store.images import ImageError
 from store.objects import ObjectNotFound, ObjectStoreError
+from store.timeouts import RETRY_AFTER_S, DependencyTimeout
+from store.textinput import InputError
 
 log = logging.getLogger("promptstore.api")
 
@@ -35,12 +37,27 @@ class ApiError(Exception):
         self.headers = headers
 
 
-class BodyTooLarge(Exception):
-    """Raised by the body-size guard while a request body is streamed in."""
+class BodyTooLarge(StarletteHTTPException):
+    """Raised by the body-size guard while a request body is streamed in. An HTTPException, so
+    that the framework's own body parsing (forms, JSON) passes it on as the 413 it is."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(limit)
+        super().__init__(413, f"request body is over the limit of {limit} bytes")
         self.limit = limit
+
+
+#: Messages of the multipart parser's own limits (starlette.formparsers): answered 413, not 400.
+_FORM_LIMIT_MESSAGES = ("Part exceeded maximum size", "Field exceeded maximum size", "Too many fields", "Too many files")
+
+
+def _framework_error(status_code: int, detail: str) -> tuple[int, str]:
+    """The framework answers a body it cannot parse with 400; the contract (docs/api.md) says
+    413 for a limit and 422 for a bad input."""
+    if status_code != 400:
+        return status_code, detail
+    if detail.startswith(_FORM_LIMIT_MESSAGES):
+        return 413, f"multipart form: {detail} (text fields such as name, classes and config are at most 1 MiB)"
+    return 422, f"request body cannot be parsed: {detail}"
 
 
 def error_response(status_code: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -74,6 +91,23 @@ def _status_text(code: int) -> str:
         return "error"
 
 
+def install_timeout_handlers(app: FastAPI) -> None:
+    """A dependency past its timeouts (store.timeouts): 503 naming the part, with Retry-After."""
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    @app.exception_handler(DependencyTimeout)
+    async def _dependency_timeout(request: Request, exc: DependencyTimeout) -> JSONResponse:
+        log.error("%s timed out on %s %s: %s", exc.part, request.method, request.url.path, exc.detail)
+        return error_response(503, exc.detail, exc.headers)
+
+    @app.exception_handler(PoolTimeout)
+    async def _pool_timeout(request: Request, exc: PoolTimeout) -> JSONResponse:
+        log.error("no database connection free on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(
+            503, "database: no connection became free in time; retry", {"Retry-After": str(RETRY_AFTER_S)}
+        )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -82,7 +116,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) and exc.detail else _status_text(exc.status_code)
-        return error_response(exc.status_code, detail, getattr(exc, "headers", None))
+        status, detail = _framework_error(exc.status_code, detail)
+        return error_response(status, detail, getattr(exc, "headers", None))
 
     @app.exception_handler(RateLimited)
     async def _rate_limited(_: Request, exc: RateLimited) -> JSONResponse:
@@ -91,6 +126,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(422, flatten_validation_errors(list(exc.errors())))
+
+    @app.exception_handler(InputError)
+    async def _input_error(_: Request, exc: InputError) -> JSONResponse:
+        return error_response(exc.status_code, exc.message)
 
     @app.exception_handler(DatasetError)
     async def _dataset_error(_: Request, exc: DatasetError) -> JSONResponse:
@@ -117,7 +156,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     async def _database_down(request: Request, exc: OperationalError) -> JSONResponse:
         log.error("database error on %s %s: %s", request.method, request.url.path, exc)
+        if isinstance(exc.orig, DependencyTimeout):  # store.db: the server did not answer in time
+            return error_response(503, exc.orig.detail, exc.orig.headers)
         return error_response(503, "the database is unavailable; try again shortly", {"Retry-After": "5"})
+
+    install_timeout_handlers(app)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -80,7 +80,7 @@ class RateLimited(Exception):
 class RateLimiter:
     """The buckets of one process, in Redis when ``redis_url`` is given, else in memory."""
 
-    def __init__(self, redis_url: str | None, registry: CollectorRegistry) -> None:
+    def __init__(self, redis_url: str | None, registry: CollectorRegistry, *, timeout: float = 0.5) -> None:
         self.refused = Counter(
             "promptstore_rate_limited_total", "Calls refused with 429 by a rate limit.", ["scope"], registry=registry
         )
@@ -99,7 +99,7 @@ class RateLimiter:
         if redis_url:
             import redis
 
-            self._redis = redis.Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+            self._redis = redis.Redis.from_url(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
             self._script = self._redis.register_script(_GCRA_LUA)
 
     @property

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,10 +64,18 @@ class Base(DeclarativeBase):
     }
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+def make_engine(
+    url: str, *, connect_timeout: float | None = None, timeout: float | None = None, **kwargs: Any
+) -> Engine:
     """An engine for ``url``. SQLite gets foreign keys, WAL and a busy timeout; the parent
-    folder of a SQLite file is created (the embedded default lives in ./var)."""
+    folder of a SQLite file is created (the embedded default lives in ./var). Postgres gets
+    bounded waits (``connect_timeout``, ``timeout``: settings ``db_connect_timeout``,
+    ``db_timeout``; see ``_postgres_engine``)."""
     u = make_url(url)
+    from store.textinput import loads_stored
+
+    # whatever a JSON column holds (NaN, a lone surrogate, 100,000 levels) reads as a safe value
+    kwargs.setdefault("json_deserializer", loads_stored)
     if u.get_backend_name() == "sqlite":
         connect_args = dict(kwargs.pop("connect_args", {}))
         connect_args.setdefault("check_same_thread", False)
@@ -80,6 +89,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            from store.textinput import decode_stored_text
+
+            dbapi_conn.text_factory = decode_stored_text  # invalid UTF-8 in a TEXT column reads as U+FFFD
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
             if not memory:
@@ -89,7 +101,68 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
         return engine
     kwargs.setdefault("pool_pre_ping", True)
+    if u.get_backend_name() == "postgresql" and u.get_driver_name() == "psycopg":
+        return _postgres_engine(url, kwargs, connect_timeout=connect_timeout, timeout=timeout)
     return create_engine(url, **kwargs)
+
+
+#: Defaults of ``PROMPTSTORE_DB_CONNECT_TIMEOUT`` and ``PROMPTSTORE_DB_TIMEOUT`` (store.settings).
+DEFAULT_DB_CONNECT_TIMEOUT = 3.0
+DEFAULT_DB_TIMEOUT = 5.0
+#: A server that does not answer at all (frozen, partitioned) is given up this long after
+#: its own statement_timeout would have cancelled the statement.
+CLIENT_TIMEOUT_MARGIN_S = 1.0
+
+
+def _postgres_engine(url: str, kwargs: dict[str, Any], *, connect_timeout: float | None, timeout: float | None) -> Engine:
+    """Postgres through psycopg 3 with every wait bounded: connect (``connect_timeout``, also the
+    wait for a pooled connection), each statement on the server (``statement_timeout``,
+    ``lock_timeout``), and each wait for the server's answer on the client (``timeout`` plus a
+    margin: a frozen server cancels nothing). A client-side timeout closes the connection and
+    raises ``DatabaseTimeout`` (a psycopg ``OperationalError``, so SQLAlchemy discards the
+    connection and the API answers 503)."""
+    connect_timeout = DEFAULT_DB_CONNECT_TIMEOUT if connect_timeout is None else float(connect_timeout)
+    timeout = DEFAULT_DB_TIMEOUT if timeout is None else float(timeout)
+    connect_args = dict(kwargs.pop("connect_args", {}))
+    connect_args.setdefault("connect_timeout", max(2, math.ceil(connect_timeout)))
+    ms = max(1, int(timeout * 1000))
+    options = connect_args.get("options", "")
+    connect_args["options"] = f"{options} -c statement_timeout={ms} -c lock_timeout={ms}".strip()
+    if "poolclass" not in kwargs:  # the default QueuePool: wait this long for a free connection
+        kwargs.setdefault("pool_timeout", connect_timeout)
+    engine = create_engine(url, connect_args=connect_args, **kwargs)
+    connection_class = bounded_pg_connection_class(timeout + CLIENT_TIMEOUT_MARGIN_S)
+
+    @event.listens_for(engine, "do_connect")
+    def _bounded_connect(_dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        return connection_class.connect(*cargs, **cparams)
+
+    return engine
+
+
+def bounded_pg_connection_class(wait_s: float) -> Any:
+    """A ``psycopg.Connection`` whose every wait on the server gives up after ``wait_s``."""
+    import psycopg
+    from psycopg import errors as pg_errors
+
+    from store.timeouts import DATABASE, DependencyTimeout
+
+    class DatabaseTimeout(psycopg.OperationalError, DependencyTimeout):
+        def __init__(self, seconds: float) -> None:
+            DependencyTimeout.__init__(self, DATABASE, seconds)
+
+    class BoundedConnection(psycopg.Connection):  # type: ignore[type-arg]
+        def wait(self, gen: Any, interval: Any = None, timeout: float | None = None) -> Any:  # type: ignore[override]
+            kw: dict[str, Any] = {"timeout": wait_s if timeout is None else min(timeout, wait_s)}
+            if interval is not None:
+                kw["interval"] = interval
+            try:
+                return super().wait(gen, **kw)
+            except pg_errors._WaitTimeout:
+                self.pgconn.finish()  # the protocol is mid-answer: this connection is unusable
+                raise DatabaseTimeout(kw["timeout"]) from None
+
+    return BoundedConnection
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -20,12 +20,20 @@ VISIBILITY_TIMEOUT_S = 12 * 3600
 QUEUE = "promptstore"
 
 
-def make_celery(broker_url: str | None, visibility_timeout_s: float = VISIBILITY_TIMEOUT_S) -> Celery:
+def make_celery(
+    broker_url: str | None, visibility_timeout_s: float = VISIBILITY_TIMEOUT_S, *, socket_timeout: float | None = None
+) -> Celery:
+    """The app. ``socket_timeout`` (the API's producer: ``PROMPTSTORE_BROKER_TIMEOUT``) bounds
+    each connect and each Redis reply; workers keep kombu's own polling timeouts."""
     # Idle workers sweep the unacknowledged messages for expired ones every
     # `unacked_restore_interval` seconds (throttle 1: every sweep scans): about ten times
     # per visibility timeout, at least every second, at most once a minute.
     restore_interval = max(1, min(60, int(visibility_timeout_s // 10)))
     app = Celery("promptstore", broker=broker_url, include=["worker.tasks"])
+    bounded: dict[str, float] = {}
+    if socket_timeout is not None:
+        bounded = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout}
+        app.conf.broker_connection_timeout = socket_timeout
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -40,6 +48,7 @@ def make_celery(broker_url: str | None, visibility_timeout_s: float = VISIBILITY
             "visibility_timeout": visibility_timeout_s,
             "unacked_restore_interval": restore_interval,
             "unacked_restore_throttle": 1,
+            **bounded,
         },
         worker_hijack_root_logger=False,
         worker_send_task_events=False,

@@ -28,8 +28,8 @@ _backbone_log = logging.getLogger("promptstore.backbone")
 _lock = threading.Lock()
 _backbone_locks: dict[tuple[str, str | None], threading.Lock] = {}
 _backbones: dict[tuple[str, str | None], "Backbone"] = {}
-_sessionmakers: dict[str, sessionmaker[Session]] = {}
-_object_stores: dict[tuple[str, str | None], ObjectStore] = {}
+_sessionmakers: dict[tuple[str, float | None, float | None], sessionmaker[Session]] = {}
+_object_stores: dict[tuple[object, ...], ObjectStore] = {}
 
 
 def get_backbone(spec: str, device: str | None = None) -> "Backbone":
@@ -67,17 +67,25 @@ def loaded_backbone(spec: str, device: str | None = None) -> "Backbone | None":
     return _backbones.get((spec, device))
 
 
-def get_sessionmaker(database_url: str) -> sessionmaker[Session]:
+def get_sessionmaker(
+    database_url: str, *, connect_timeout: float | None = None, timeout: float | None = None
+) -> sessionmaker[Session]:
+    """The process's sessionmaker for ``database_url`` with these timeouts (settings
+    ``db_connect_timeout``, ``db_timeout``; None: their defaults)."""
+    key = (database_url, connect_timeout, timeout)
     with _lock:
-        sm = _sessionmakers.get(database_url)
+        sm = _sessionmakers.get(key)
         if sm is None:
-            sm = make_sessionmaker(make_engine(database_url))
-            _sessionmakers[database_url] = sm
+            sm = make_sessionmaker(make_engine(database_url, connect_timeout=connect_timeout, timeout=timeout))
+            _sessionmakers[key] = sm
         return sm
 
 
 def get_object_store(settings: "Settings") -> ObjectStore:
-    key = (settings.object_store_url, settings.s3_access_key)
+    key = (
+        settings.object_store_url, settings.s3_access_key, settings.s3_connect_timeout, settings.s3_read_timeout,
+        settings.s3_retries, settings.s3_deadline,
+    )
     with _lock:
         objects = _object_stores.get(key)
         if objects is None:

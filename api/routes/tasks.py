@@ -10,14 +10,16 @@ import json
 import logging
 from typing import Any, Callable
 
-from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Header, Response, UploadFile
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.deps import CurrentTenant, DbSession, current_tenant, get_state, job_submitter
 from api.errors import ApiError
 from api.schemas import ErrorOut, TaskList, TaskPublic, task_public
 from api.state import ServiceState
-from store import repo
+from store import idempotency, repo, textinput
 from store.archive import ArchiveLimits, inspect_archive
 from store.models import ACTIVE_STATUSES
 from store.objects import dataset_key, sha256_hex
@@ -48,8 +50,8 @@ def parse_config(method: str, raw: str | None) -> dict[str, Any]:
 
     cfg: Any = None
     if raw is not None and raw.strip():
-        try:
-            cfg = json.loads(raw)
+        try:  # size, depth and Unicode bounds first (store.textinput, docs/inputs.md "Text and JSON")
+            cfg = textinput.loads_checked("config", raw, max_bytes=textinput.MAX_CONFIG_BYTES)
         except json.JSONDecodeError as exc:
             raise ApiError(422, f"config is not valid JSON ({exc.msg}); send a JSON object such as {{\"epochs\": 5}}") from None
         if not isinstance(cfg, dict):
@@ -89,14 +91,14 @@ def parse_classes(raw: str | None) -> list[str]:
     if raw is None or not raw.strip():
         raise ApiError(422, 'classes is required for method zeroshot: a JSON list of class names, e.g. ["cat", "dog"]')
     try:
-        value = json.loads(raw)
+        value = textinput.loads_checked("classes", raw, max_bytes=textinput.MAX_CLASSES_BYTES)
     except json.JSONDecodeError:
         raise ApiError(422, 'classes is not valid JSON; send a JSON list of class names, e.g. ["cat", "dog"]') from None
     if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
         raise ApiError(422, 'classes must be a JSON list of strings, e.g. ["cat", "dog"]')
-    names = [c.strip() for c in value]
-    if any(not c for c in names):
+    if any(not c.strip() for c in value):
         raise ApiError(422, "classes: every class name must be a non-empty string")
+    names = [textinput.check_name(f"classes[{i}]", c, max_chars=textinput.MAX_CLASS_NAME_CHARS) for i, c in enumerate(value)]
     if len(set(names)) != len(names):
         dup = next(c for c in names if names.count(c) > 1)
         raise ApiError(422, f"classes: '{dup}' appears twice; class names must be unique")
@@ -181,21 +183,96 @@ def _stored_config(method: str, config: Any) -> dict[str, Any] | None:
 
 
 def enqueue(state: ServiceState, s: Session, task_id: str, attempt: int, tenant_id: str) -> None:
-    """Submit the run (the caller has committed). If the broker is unreachable the run is
-    marked failed (so it does not sit in ``queued`` forever) and the client gets a 503."""
+    """Submit the run (the caller has committed). If the broker does not take it (down, or
+    past ``broker_timeout``/``broker_deadline``) the run stays ``queued`` in the database, where
+    the reconciler finds it and enqueues it again, and the client gets a 503 naming the task
+    (and, with an Idempotency-Key, a retry of the same request answers with that task)."""
+    from store.timeouts import BROKER, RETRY_AFTER_S, DependencyTimeout
+
     try:
         state.dispatcher.submit(task_id, attempt)
     except Exception as exc:
         log.error("could not enqueue task %s attempt %s: %s", task_id, attempt, exc)
-        repo.fail_run(s, task_id, attempt, error="the job could not be queued (broker unreachable); retrain to try again")
-        s.commit()
-        raise ApiError(503, "the job queue is unavailable; the task was created but not queued, retrain it later") from None
+        why = exc.detail.removesuffix("; retry") if isinstance(exc, DependencyTimeout) else f"{BROKER} is unavailable"
+        raise ApiError(
+            503,
+            f"{why}; task {task_id} was saved and its run stays queued: it is enqueued again automatically, "
+            f"so do not create it again (GET /v1/tasks/{task_id} shows it)",
+            {"Retry-After": str(RETRY_AFTER_S)},
+        ) from None
+
+
+# --------------------------------------------------------------------------- idempotency keys
+
+_KEY_DOC = (
+    "Optional: a key of yours (1-255 visible ASCII characters, a UUID say). The same key again "
+    "within 24 h answers the first request's answer and creates nothing; with another request, 422."
+)
+
+
+def idempotency_fingerprint(
+    state: ServiceState, key: str | None, method: str, path: str, fields: dict[str, Any], upload: UploadFile | None
+) -> str | None:
+    """The request's fingerprint when it carries an ``Idempotency-Key`` (422 for a malformed
+    key); the dataset counts as its sha256."""
+    if key is None:
+        return None
+    try:
+        idempotency.check_key(key)
+    except idempotency.InvalidIdempotencyKey as exc:
+        raise ApiError(422, str(exc)) from None
+    if upload is not None:
+        upload.file.seek(0)
+        fields = {**fields, "dataset": sha256_hex(upload.file.read(state.settings.max_upload_bytes + 1))}
+        upload.file.seek(0)
+    return idempotency.fingerprint(method, path, fields)
+
+
+def replay(row: Any) -> JSONResponse:
+    return JSONResponse(row.response, status_code=row.status_code, headers={"Idempotent-Replayed": "true"})
+
+
+def remembered(state: ServiceState, s: Session, tenant_id: str, key: str | None, fp: str | None) -> JSONResponse | None:
+    """The first answer to this key, replayed; None when the key is new (or absent)."""
+    if key is None or fp is None:
+        return None
+    try:
+        row = idempotency.lookup(s, tenant_id, key, fp, ttl_s=state.settings.idempotency_key_ttl)
+    except idempotency.KeyReused as exc:
+        raise ApiError(422, str(exc)) from None
+    return replay(row) if row is not None else None
+
+
+def remember_and_commit(
+    state: ServiceState, s: Session, tenant_id: str, key: str | None, fp: str | None, task: Any
+) -> JSONResponse | None:
+    """Commit the task (or run) with the key's answer in the same transaction. When a
+    concurrent request with the same key committed first, roll ours back (no second task)
+    and return its answer instead."""
+    if key is not None and fp is not None:
+        body = task_public(task).model_dump(mode="json")
+        try:
+            idempotency.record(
+                s, tenant_id, key, fp, status_code=202, response=body, task_id=task.id,
+                ttl_s=state.settings.idempotency_key_ttl,
+            )
+        except IntegrityError:
+            s.rollback()
+            log.info("request with %s %r lost to a concurrent one; answering its result", idempotency.HEADER, key)
+            answer = remembered(state, s, tenant_id, key, fp)
+            if answer is None:  # pragma: no cover - the winner's row exists once it committed
+                raise ApiError(503, "a concurrent request with the same Idempotency-Key is in progress; retry",
+                               {"Retry-After": "1"}) from None
+            return answer
+    s.commit()
+    return None
 
 
 def delete_task_and_objects(state: ServiceState, s: Session, task_id: str, *, tenant_id: str) -> None:
     """Delete the task's rows (committed), drop it from the inference cache, then delete its
-    objects (prompt versions, and its dataset unless another task uses it). 404 when the task
-    is not this tenant's. Shared by the tenant route and the admin dashboard."""
+    prompt objects. Its dataset zip is shared by content (another upload of the same zip may
+    be in flight): the garbage collector deletes it once no row refers to it. 404 when the
+    task is not this tenant's. Shared by the tenant route and the admin dashboard."""
     keys = repo.delete_task(s, task_id, tenant_id=tenant_id)
     if keys is None:
         raise ApiError(404, f"task {task_id} not found")
@@ -228,8 +305,16 @@ def create_task(
     config: str | None = Form(None, description="JSON object of method hyperparameters."),
     tenant: CurrentTenant = Depends(job_submitter),
     state: ServiceState = Depends(get_state),
-) -> TaskPublic:
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key", description=_KEY_DOC),
+) -> Any:
     """Create a task from a labelled dataset (or class names for zeroshot) and queue its tuning."""
+    fp = idempotency_fingerprint(
+        state, idempotency_key, "POST", "/v1/tasks",
+        {"name": name, "method": method, "classes": classes, "config": config}, dataset,
+    )
+    if (answer := remembered(state, s, tenant.id, idempotency_key, fp)) is not None:
+        return answer
+    task_name = textinput.check_name("name", name)  # before anything is stored
     method = method.strip()
     cfg = parse_config(method, config)
     if method == ZEROSHOT:
@@ -243,9 +328,10 @@ def create_task(
             state, s, tenant.id, dataset, check=lambda names: check_class_texts(state, method, names, cfg)
         )
     task = repo.create_task(
-        s, tenant_id=tenant.id, name=name.strip(), method=method, config=cfg, classes=class_names, dataset_id=dataset_id
+        s, tenant_id=tenant.id, name=task_name, method=method, config=cfg, classes=class_names, dataset_id=dataset_id
     )
-    s.commit()
+    if (answer := remember_and_commit(state, s, tenant.id, idempotency_key, fp, task)) is not None:
+        return answer
     enqueue(state, s, task.id, task.attempt, tenant.id)
     return task_public(task)
 
@@ -272,9 +358,15 @@ def retrain_task(
     config: str | None = Form(None, description="A new config JSON object; omitted: keep the current one."),
     tenant: CurrentTenant = Depends(job_submitter),
     state: ServiceState = Depends(get_state),
-) -> TaskPublic:
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key", description=_KEY_DOC),
+) -> Any:
     """Start a new tuning run; it becomes the next prompt version. A task that serves a
     version keeps serving it meanwhile. Also the way to retry a failed task."""
+    fp = idempotency_fingerprint(
+        state, idempotency_key, "POST", f"/v1/tasks/{task_id}/retrain", {"config": config}, dataset
+    )
+    if (answer := remembered(state, s, tenant.id, idempotency_key, fp)) is not None:
+        return answer
     task = get_own_task(s, task_id, tenant)
     if task.run_status in ACTIVE_STATUSES:
         raise ApiError(409, f"task {task_id} already has a {task.run_status} run; cancel it or wait until it finishes")
@@ -296,7 +388,8 @@ def retrain_task(
         raise ApiError(409, str(exc)) from None
     if updated is None:
         raise ApiError(404, f"task {task_id} not found")
-    s.commit()
+    if (answer := remember_and_commit(state, s, tenant.id, idempotency_key, fp, updated)) is not None:
+        return answer
     enqueue(state, s, updated.id, updated.attempt, tenant.id)
     return task_public(updated)
 
@@ -323,7 +416,7 @@ def delete_task(
     tenant: CurrentTenant = Depends(current_tenant),
     state: ServiceState = Depends(get_state),
 ) -> Response:
-    """Delete the task, its prompt objects and its dataset (unless another task uses it)."""
+    """Delete the task and its prompt objects; its dataset goes once no task uses it (garbage collector)."""
     delete_task_and_objects(state, s, task_id, tenant_id=tenant.id)
     return Response(status_code=204)
 
