@@ -114,6 +114,19 @@ class Task(Base):
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     #: Run counter; a job carries the attempt it was queued for and is a no-op when stale.
     attempt: Mapped[int] = mapped_column(default=1)
+    #: State of the latest run as a plain column, the one every conditional transition tests:
+    #: ``status`` before the first version, ``training["status"]`` once one is served (None:
+    #: a served task without a retrain run). Kept in step with those by ``store.repo`` alone.
+    run_status: Mapped[str | None] = mapped_column(String(16), index=True)
+    #: When the current run was (last) sent to a runner; the reconciler re-sends a run still
+    #: queued ``requeue_queued_after_s`` later (``worker.reconcile``).
+    queued_at: Mapped[dt.datetime | None]
+    #: The job execution running the current run (``host:pid:random``) and until when its lease
+    #: holds; the job renews it (heartbeat) and a claim by another owner waits until it expired.
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[dt.datetime | None]
+    #: How many times the reconciler re-queued the current run after its lease expired.
+    requeues: Mapped[int] = mapped_column(default=0, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -131,13 +144,6 @@ class Task(Base):
             ds = session.get(Dataset, self.dataset_id) if session is not None else None
         return [str(w) for w in (ds.warnings or [])] if ds is not None else []
 
-    @property
-    def run_status(self) -> str | None:
-        """State of the latest run: ``training["status"]`` while a version is served, else ``status``.
-        None when a served task has no retrain run."""
-        if self.version is not None:
-            return None if self.training is None else self.training.get("status")
-        return self.status
 
 
 class PromptVersion(Base):
@@ -155,3 +161,24 @@ class PromptVersion(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     fingerprint: Mapped[str] = mapped_column(String(256))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class IdempotencyKey(Base):
+    """An ``Idempotency-Key`` a tenant sent with a job-creating request (``POST /v1/tasks``,
+    ``retrain``) and the answer it got, so that a retry with the same key, on any replica, gets
+    that answer instead of a second task (``store.idempotency``). Written in the transaction
+    that creates the task or run; forgotten after ``idempotency_key_ttl``."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("tenant_id", "key"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(255))
+    #: sha256 hex of the request (method, path and the fields that decide what it creates).
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    status_code: Mapped[int]
+    response: Mapped[dict[str, Any]]
+    #: The task the request created or retrained (no foreign key: the answer outlives a delete).
+    task_id: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)

@@ -6,6 +6,23 @@ another tenant's ids exactly as for unknown ones. Job-side functions (``claim_ru
 ``record_progress``, ``publish_version``, ``fail_run``, ``mark_cancelled``, ...) are
 keyed by ``(task_id, attempt)``: the worker receives only ids, and a stale attempt
 (the task was retrained or cancelled since) makes them no-ops.
+
+Concurrency (docs/operations.md, "Concurrent changes to one task"): every state transition
+of a task (create run, retrain, cancel, claim, progress, publish, fail, delete, re-queue) is
+ONE conditional write, ``UPDATE tasks SET ... WHERE id = :id AND attempt = :seen AND
+run_status = :seen_state ...``, whose row count decides who won; ``attempt`` is incremented
+in SQL. No ``SELECT ... FOR UPDATE`` is needed: Postgres re-evaluates the WHERE clause on the
+latest committed row after waiting for a concurrent writer, and SQLite runs one writer at a
+time (pysqlite opens the transaction at the first write, so the condition is checked against
+the latest commit). A read beforehand only decides which values to write; the write then
+holds only if the row is still as read. The loser gets ``TaskStateError`` (HTTP 409) on the
+tenant side and ``None``/``False`` (do nothing) on the job side.
+
+Leases: a job execution claims a run as ``owner`` with a lease (``lease_expires_at``) that
+it renews while it runs (``renew_lease``, every progress write). A claim of a running attempt
+whose lease is live and held by another owner is refused, so a re-delivered message never
+runs an attempt twice at once; once the lease expired another owner may take the run over,
+and the first execution's writes (``owner=`` given) then find the owner changed and do nothing.
 """
 
 from __future__ import annotations
@@ -76,9 +93,12 @@ def _new_api_key() -> tuple[str, str]:
 def create_tenant(s: Session, name: str) -> tuple[Tenant, str]:
     """Create a tenant and its first API key; returns ``(tenant, api_key)``. The key is only
     returned here; only its sha256 is stored. Raises ``TenantExists`` for a taken name."""
-    name = name.strip()
-    if not name:
-        raise StoreError("tenant name must not be empty")
+    from store.textinput import InputError, check_name
+
+    try:  # the name rules of docs/inputs.md "Text and JSON" (API, dashboard and CLI alike)
+        name = check_name("tenant name", name)
+    except InputError as exc:
+        raise StoreError(exc.message) from None
     if s.scalar(select(Tenant.id).where(Tenant.name == name)) is not None:
         raise TenantExists(f"a tenant named {name!r} already exists")
     tenant = Tenant(name=name)
@@ -243,9 +263,12 @@ def create_task(
         classes=list(classes),
         dataset_id=dataset_id,
         status=QUEUED,
+        run_status=QUEUED,
+        queued_at=utcnow(),
         progress=0.0,
         attempt=1,
         cancel_requested=False,
+        requeues=0,
     )
     s.add(task)
     s.flush()
@@ -266,13 +289,69 @@ def list_tasks(s: Session, *, tenant_id: str) -> list[Task]:
     )
 
 
-def _locked_task(s: Session, task_id: str, *, tenant_id: str | None = None) -> Task | None:
+#: Default lease of a claimed run when the caller gives none (the job passes
+#: ``settings.run_lease_s``).
+DEFAULT_LEASE_S = 30.0
+
+
+def _read_task(s: Session, task_id: str, *, tenant_id: str | None = None) -> Task | None:
+    """The task as committed now (refreshing a copy already in the session). A plain read:
+    the conditional write that follows decides, not a row lock."""
     stmt = select(Task).where(Task.id == task_id)
     if tenant_id is not None:
         stmt = stmt.where(Task.tenant_id == tenant_id)
-    # FOR UPDATE serialises job-side writers on Postgres (ignored by SQLite, which
-    # serialises writes itself); populate_existing refreshes a copy already in the session.
-    return s.scalar(stmt.with_for_update().execution_options(populate_existing=True))
+    return s.scalar(stmt.execution_options(populate_existing=True))
+
+
+def _same_version(version: int | None) -> Any:
+    return Task.version.is_(None) if version is None else Task.version == version
+
+
+def _cas(s: Session, task_id: str, *conditions: Any, values: dict[str, Any]) -> bool:
+    """``UPDATE tasks SET values WHERE id = task_id AND conditions``: True when exactly this
+    row was changed (the caller won), False when the row is gone or no longer as read."""
+    result = s.execute(
+        update(Task)
+        .where(Task.id == task_id, *conditions)
+        .values(**values, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def _inactive() -> Any:
+    return Task.run_status.is_(None) | Task.run_status.not_in(ACTIVE_STATUSES)
+
+
+def _lease_cleared() -> dict[str, Any]:
+    return {"lease_owner": None, "lease_expires_at": None}
+
+
+def _finish_values(task: Task, state: str, *, error: str | None) -> dict[str, Any]:
+    """The values that end the current run of ``task`` (as read) in ``state``: ``status``
+    before the first version, ``training`` once one is served; the lease is released."""
+    values: dict[str, Any] = {"run_status": state, "cancel_requested": False, **_lease_cleared()}
+    if task.version is not None:
+        progress = float((task.training or {}).get("progress", 0.0))
+        values["training"] = {"status": state, "progress": progress, "error": error}
+    else:
+        values["status"] = state
+        values["error"] = error
+    return values
+
+
+def _refused(task_id: str, task: Task | None, doing: str) -> TaskStateError:
+    """The loser's error: names the state the winner left the task in."""
+    if task is None:
+        return TaskStateError(f"task {task_id} was deleted meanwhile")
+    if task.run_status in ACTIVE_STATUSES:
+        return TaskStateError(
+            f"task {task_id} already has a {task.run_status} run; cancel it or wait until it finishes"
+        )
+    return TaskStateError(
+        f"task {task_id} changed while {doing} (a concurrent request or its run finished; status "
+        f"{task.status}); read it and try again"
+    )
 
 
 def request_retrain(
@@ -284,15 +363,17 @@ def request_retrain(
     config: dict[str, Any] | None = None,
 ) -> Task | None:
     """Start a new run (also the way to retry a failed/cancelled task). Omitted dataset/config
-    are kept. ``attempt`` += 1; enqueue ``(task.id, task.attempt)`` after the commit.
+    are kept. ``attempt`` += 1 (in SQL); enqueue ``(task.id, task.attempt)`` after the commit.
 
     - a task serving a version stays ``ready`` (it keeps classifying with that version) and
       ``training`` becomes ``{"status": "queued", "progress": 0.0, "error": None}``;
     - a failed/cancelled task without a version goes back to ``queued``.
 
-    Raises ``TaskStateError`` while a run is queued or running. None if unknown/foreign.
+    One conditional UPDATE (attempt and run state as read): of concurrent retrains exactly one
+    wins and its config/dataset are the ones the run uses; the others, and a retrain while a run
+    is queued or running, raise ``TaskStateError``. None if unknown/foreign.
     """
-    task = _locked_task(s, task_id, tenant_id=tenant_id)
+    task = _read_task(s, task_id, tenant_id=tenant_id)
     if task is None:
         return None
     ds = None
@@ -301,61 +382,84 @@ def request_retrain(
         if ds is None:
             raise InvalidReference(f"unknown dataset {dataset_id!r}")
     if task.run_status in ACTIVE_STATUSES:
-        raise TaskStateError(
-            f"task {task_id} already has a {task.run_status} run; cancel it or wait until it finishes"
-        )
-    new_classes: list[str] | None = None
+        raise _refused(task_id, task, "retraining")
+    values: dict[str, Any] = {
+        "attempt": Task.attempt + 1,
+        "cancel_requested": False,
+        "run_status": QUEUED,
+        "queued_at": utcnow(),
+        "requeues": 0,
+        **_lease_cleared(),
+    }
     if ds is not None:
-        task.dataset_id = ds.id
-        new_classes = list(ds.classes)
+        values["dataset_id"] = ds.id
     if config is not None:
-        task.config = dict(config)
-    task.attempt += 1
-    task.cancel_requested = False
+        values["config"] = dict(config)
     if task.version is not None:
-        task.training = {"status": QUEUED, "progress": 0.0, "error": None}
+        values["training"] = {"status": QUEUED, "progress": 0.0, "error": None}
     else:
-        task.status = QUEUED
-        task.progress = 0.0
-        task.error = None
-        task.metrics = None
-        task.history = None
-        task.confusion = None
-        task.training = None
-        if new_classes is not None:
-            task.classes = new_classes
-    task.updated_at = utcnow()
-    s.flush()
-    return task
+        values.update(status=QUEUED, progress=0.0, error=None, metrics=None, history=None, confusion=None, training=None)
+        if ds is not None:
+            values["classes"] = list(ds.classes)
+    won = _cas(
+        s, task.id, Task.tenant_id == tenant_id, Task.attempt == task.attempt, _same_version(task.version),
+        _inactive(), values=values,
+    )
+    if not won:
+        raise _refused(task_id, _read_task(s, task_id, tenant_id=tenant_id), "retraining")
+    return _read_task(s, task_id, tenant_id=tenant_id)
 
 
 def request_cancel(s: Session, task_id: str, *, tenant_id: str) -> Task | None:
     """Cancel the task's current run: a queued run is cancelled at once; a running one gets
     ``cancel_requested`` and the job sets ``cancelled`` when it sees it. None if
     unknown/foreign. Raises ``TaskStateError`` (naming the state) when no run is queued or
-    running: there is nothing to cancel."""
-    task = _locked_task(s, task_id, tenant_id=tenant_id)
-    if task is None:
-        return None
-    state = task.run_status
-    if state == QUEUED:
-        _finish_run(task, CANCELLED, error=None)
-    elif state == RUNNING:
-        task.cancel_requested = True
-        task.updated_at = utcnow()
-    else:
-        what = f"status {task.status}" if state is None or state == task.status else f"its last run is {state}"
-        raise TaskStateError(f"task {task_id} has no queued or running run to cancel ({what})")
-    s.flush()
-    return task
+    running, or a cancel of the running run is already requested: there is nothing to cancel
+    (also when the run finished or was published while this request ran: a cancel and a
+    publish never both win; of concurrent cancels one wins). A queued run claimed meanwhile is
+    cancelled as a running one."""
+    for _ in range(3):  # queued -> running (a claim) between the read and the write: try again
+        task = _read_task(s, task_id, tenant_id=tenant_id)
+        if task is None:
+            return None
+        state = task.run_status
+        same = (Task.tenant_id == tenant_id, Task.attempt == task.attempt, _same_version(task.version))
+        if state == QUEUED:
+            won = _cas(s, task.id, *same, Task.run_status == QUEUED, values=_finish_values(task, CANCELLED, error=None))
+        elif state == RUNNING:
+            if task.cancel_requested:
+                raise TaskStateError(f"task {task_id}: a cancel of its running run is already requested")
+            won = _cas(
+                s, task.id, *same, Task.run_status == RUNNING, Task.cancel_requested.is_(False),
+                values={"cancel_requested": True},
+            )
+        else:
+            what = f"status {task.status}" if state is None or state == task.status else f"its last run is {state}"
+            raise TaskStateError(f"task {task_id} has no queued or running run to cancel ({what})")
+        if won:
+            return _read_task(s, task_id, tenant_id=tenant_id)
+    raise _refused(task_id, _read_task(s, task_id, tenant_id=tenant_id), "cancelling")
 
 
 def delete_task(s: Session, task_id: str, *, tenant_id: str) -> list[str] | None:
     """Delete the task, its prompt versions and the tenant's datasets no task uses any more.
-    Returns the object keys to delete *after* the commit (keys still referenced by another
-    row are not returned); None if unknown/foreign. A running job finds the task gone and stops."""
-    task = _locked_task(s, task_id, tenant_id=tenant_id)
+    Returns the task's prompt object keys to delete *after* the commit (no other row can refer
+    to ``prompts/{tenant}/{task}/...``); None if unknown/foreign. Dataset objects are shared by
+    content and are never returned: the garbage collector (``store.consistency``) deletes them
+    once no row refers to them. A running job finds the task gone and stops."""
+    task = _read_task(s, task_id, tenant_id=tenant_id)
     if task is None:
+        return None
+    # A conditional write first: it takes the row's write lock (both databases) before the
+    # versions are read, so a publish racing with the delete either committed before (its
+    # version's key is collected) or finds no row; of concurrent deletes one wins (others: None).
+    locked = s.execute(
+        update(Task)
+        .where(Task.id == task.id, Task.tenant_id == tenant_id)
+        .values(cancel_requested=True)
+        .execution_options(synchronize_session=False)
+    )
+    if locked.rowcount != 1:
         return None
     keys = list(s.scalars(select(PromptVersion.object_key).where(PromptVersion.task_id == task.id)))
     s.execute(delete(PromptVersion).where(PromptVersion.task_id == task.id))
@@ -368,9 +472,6 @@ def delete_task(s: Session, task_id: str, *, tenant_id: str) -> list[str] | None
     for ds in orphans:
         s.delete(ds)
     s.flush()
-    for key in {ds.object_key for ds in orphans}:
-        if s.scalar(select(func.count()).select_from(Dataset).where(Dataset.object_key == key)) == 0:
-            keys.append(key)
     return keys
 
 
@@ -439,45 +540,105 @@ def task_status_counts(s: Session) -> dict[str, int]:
 # --------------------------------------------------------------------------- job side
 
 
-def _finish_run(task: Task, state: str, *, error: str | None) -> None:
-    """Set the current run's final state in the right place (``status`` or ``training``)."""
-    task.cancel_requested = False
-    task.updated_at = utcnow()
-    if task.version is not None:
-        progress = float((task.training or {}).get("progress", 0.0))
-        task.training = {"status": state, "progress": progress, "error": error}
-    else:
-        task.status = state
-        task.error = error
-
-
 def get_task_for_job(s: Session, task_id: str) -> Task | None:
     """The task by id alone, for the worker (which receives only ids). Not for HTTP paths."""
     return s.get(Task, task_id)
 
 
-def claim_run(s: Session, task_id: str, attempt: int) -> Task | None:
-    """Mark run ``attempt`` of the task running and return the task, or None when there is
-    nothing to do: task deleted, ``attempt`` stale (retrained since), or the run already
-    finished (ready/failed/cancelled). A re-delivered running attempt is claimed again
-    (the worker that had it died)."""
-    task = _locked_task(s, task_id)
+def _owned(owner: str | None) -> tuple[Any, ...]:
+    """The condition of a job-side write made by execution ``owner``: it still holds the run
+    (nobody took it over, the reconciler did not re-queue it). None: no lease condition (tests,
+    operator tools)."""
+    return () if owner is None else (Task.lease_owner == owner,)
+
+
+def new_lease_owner() -> str:
+    """A unique name for one job execution: ``host:pid:random``."""
+    import os
+    import socket
+
+    return f"{socket.gethostname()[:64]}:{os.getpid()}:{secrets.token_hex(6)}"
+
+
+def _lease_live(task: Task, now: dt.datetime) -> bool:
+    return task.lease_owner is not None and task.lease_expires_at is not None and task.lease_expires_at > now
+
+
+def claim_run(
+    s: Session, task_id: str, attempt: int, *, owner: str | None = None, lease_s: float = DEFAULT_LEASE_S
+) -> Task | None:
+    """Mark run ``attempt`` of the task running, held by ``owner`` (default: a new name, read it
+    back from ``task.lease_owner``) with a lease of ``lease_s`` seconds, and return the task; or
+    None when there is nothing to do: task deleted, ``attempt`` stale (retrained since), the run
+    already finished (ready/failed/cancelled), or it is running under another owner's live lease
+    (a duplicate delivery: never two executions of one attempt at once). A running attempt whose
+    lease expired (or that has none: released by a job that stopped) is taken over; the
+    previous owner's writes then change nothing. One conditional UPDATE decides."""
+    owner = owner or new_lease_owner()
+    task = _read_task(s, task_id)
     if task is None or task.attempt != attempt or task.run_status not in ACTIVE_STATUSES:
         return None
+    now = utcnow()
+    conditions: list[Any] = [Task.attempt == attempt, _same_version(task.version)]
+    if task.run_status == QUEUED:
+        conditions.append(Task.run_status == QUEUED)
+    else:
+        if _lease_live(task, now) and task.lease_owner != owner:
+            return None
+        # Take over only the lease as read, and only if it is still not live: an owner that
+        # woke up and renewed it meanwhile keeps it.
+        conditions += [
+            Task.run_status == RUNNING,
+            Task.lease_owner.is_(None) if task.lease_owner is None else Task.lease_owner == task.lease_owner,
+        ]
+        if task.lease_owner != owner:
+            conditions.append(Task.lease_expires_at.is_(None) | (Task.lease_expires_at <= now))
+    values: dict[str, Any] = {
+        "run_status": RUNNING,
+        "lease_owner": owner,
+        "lease_expires_at": now + dt.timedelta(seconds=lease_s),
+    }
     if task.version is not None:
         training = {"progress": 0.0, **(task.training or {})}
-        task.training = {**training, "status": RUNNING, "error": None}
+        values["training"] = {**training, "status": RUNNING, "error": None}
     else:
-        task.status = RUNNING
-        task.error = None
-    task.updated_at = utcnow()
-    s.flush()
-    return task
+        values["status"] = RUNNING
+        values["error"] = None
+    if not _cas(s, task.id, *conditions, values=values):
+        return None
+    return _read_task(s, task_id)
 
 
-def _current_running(s: Session, task_id: str, attempt: int) -> Task | None:
-    task = _locked_task(s, task_id)
+def renew_lease(s: Session, task_id: str, attempt: int, *, owner: str, lease_s: float = DEFAULT_LEASE_S) -> bool:
+    """The heartbeat: extend ``owner``'s lease on running run ``attempt``. False when the run is
+    not ``owner``'s any more (taken over, re-queued, finished, stale, deleted): the job must stop
+    without publishing."""
+    result = s.execute(
+        update(Task)
+        .where(Task.id == task_id, Task.attempt == attempt, Task.run_status == RUNNING, Task.lease_owner == owner)
+        .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_s))
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def release_lease(s: Session, task_id: str, attempt: int, *, owner: str) -> bool:
+    """A job that stops without finishing its run (shutdown, transient error) gives up its
+    lease, so its retry (or the next start) may claim the run at once. The run stays running."""
+    result = s.execute(
+        update(Task)
+        .where(Task.id == task_id, Task.attempt == attempt, Task.run_status == RUNNING, Task.lease_owner == owner)
+        .values(lease_owner=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def _current_running(s: Session, task_id: str, attempt: int, owner: str | None = None) -> Task | None:
+    task = _read_task(s, task_id)
     if task is None or task.attempt != attempt or task.run_status != RUNNING:
+        return None
+    if owner is not None and task.lease_owner != owner:
         return None
     return task
 
@@ -489,40 +650,50 @@ def record_progress(
     *,
     progress: float,
     history: list[dict[str, Any]] | None = None,
+    owner: str | None = None,
+    lease_s: float = DEFAULT_LEASE_S,
 ) -> bool:
     """Store the running run's progress (clamped to [0, 1], never lowered) and, if given, its
-    per-epoch history. Returns True if the job should go on, False if it should stop: cancel
-    requested, attempt stale, task deleted or run no longer running."""
-    task = _current_running(s, task_id, attempt)
+    per-epoch history; with ``owner`` it also renews that owner's lease. Returns True if the
+    job should go on, False if it should stop: cancel requested, attempt stale, task deleted,
+    run no longer running, or (``owner`` given) the run no longer held by ``owner``."""
+    task = _current_running(s, task_id, attempt, owner)
     if task is None:
         return False
     p = min(1.0, max(0.0, float(progress)))
+    values: dict[str, Any] = {}
     if task.version is not None:
         training = dict(task.training or {})
         training["progress"] = max(p, float(training.get("progress", 0.0)))
         if history is not None:
             training["history"] = list(history)
-        task.training = training
+        values["training"] = training
     else:
-        task.progress = max(p, task.progress)
+        values["progress"] = max(p, task.progress)
         if history is not None:
-            task.history = list(history)
-    task.updated_at = utcnow()
-    s.flush()
-    return not task.cancel_requested
+            values["history"] = list(history)
+    if owner is not None:
+        values["lease_expires_at"] = utcnow() + dt.timedelta(seconds=lease_s)
+    won = _cas(
+        s, task.id, Task.attempt == attempt, Task.run_status == RUNNING, _same_version(task.version),
+        *_owned(owner), values=values,
+    )
+    if won:
+        s.expire(task)
+    return won and not task.cancel_requested
 
 
-def should_stop(s: Session, task_id: str, attempt: int) -> bool:
-    """True when run ``attempt`` must stop: cancel requested, stale, deleted or not running."""
+def should_stop(s: Session, task_id: str, attempt: int, *, owner: str | None = None) -> bool:
+    """True when run ``attempt`` must stop: cancel requested, stale, deleted, not running, or
+    (``owner`` given) no longer held by ``owner``."""
     task = s.execute(
-        select(Task.attempt, Task.cancel_requested, Task.status, Task.version, Task.training).where(
-            Task.id == task_id
-        )
+        select(Task.attempt, Task.cancel_requested, Task.run_status, Task.lease_owner).where(Task.id == task_id)
     ).first()
     if task is None or task.attempt != attempt or task.cancel_requested:
         return True
-    state = (task.training or {}).get("status") if task.version is not None else task.status
-    return state != RUNNING
+    if owner is not None and task.lease_owner != owner:
+        return True
+    return task.run_status != RUNNING
 
 
 def publish_version(
@@ -538,20 +709,44 @@ def publish_version(
     metrics: dict[str, Any],
     history: list[dict[str, Any]] | None = None,
     confusion: list[list[int]] | None = None,
+    owner: str | None = None,
 ) -> PromptVersion | None:
-    """Publish the run's prompt whose object is already stored: insert ``PromptVersion``
-    ``task.version + 1`` and switch the task to it (status ready, progress 1, metrics,
-    confusion, history, classes; ``training`` shows ready for a retrain). Make it the only
-    write of its transaction and commit right after.
+    """Publish the run's prompt whose object is already stored: switch the task to version
+    ``task.version + 1`` (status ready, progress 1, metrics, confusion, history, classes;
+    ``training`` shows ready for a retrain) with one conditional UPDATE, then insert that
+    ``PromptVersion``. Make it the only write of its transaction and commit right after.
 
     Returns None, changing nothing, when the run is not current (stale attempt, deleted task,
-    already published/failed/cancelled). A concurrent duplicate that slips past the row lock
-    hits unique(task_id, version): the session is rolled back and None returned.
+    already published/failed/cancelled), a cancel was requested (a cancel and a publish never
+    both win), or ``owner`` given and the run is no longer held by it (taken over after its
+    lease expired). A duplicate version row (unique(task_id, version)) rolls the session back
+    and gives None too.
     """
-    task = _current_running(s, task_id, attempt)
-    if task is None:
+    task = _current_running(s, task_id, attempt, owner)
+    if task is None or task.cancel_requested:
         return None
     version = (task.version or 0) + 1
+    retrain = task.version is not None
+    values: dict[str, Any] = {
+        "version": version,
+        "status": READY,
+        "run_status": READY,
+        "progress": 1.0,
+        "error": None,
+        "metrics": dict(metrics),
+        "history": list(history) if history is not None else None,
+        "confusion": [list(r) for r in confusion] if confusion is not None else None,
+        "classes": list(classes),
+        "training": {"status": READY, "progress": 1.0, "error": None} if retrain else None,
+        "cancel_requested": False,
+        **_lease_cleared(),
+    }
+    won = _cas(
+        s, task.id, Task.attempt == attempt, Task.run_status == RUNNING, Task.cancel_requested.is_(False),
+        _same_version(task.version), *_owned(owner), values=values,
+    )
+    if not won:
+        return None
     pv = PromptVersion(
         task_id=task.id,
         tenant_id=task.tenant_id,
@@ -562,60 +757,149 @@ def publish_version(
         fingerprint=fingerprint,
     )
     s.add(pv)
-    retrain = task.version is not None
-    task.version = version
-    task.status = READY
-    task.progress = 1.0
-    task.error = None
-    task.metrics = dict(metrics)
-    task.history = list(history) if history is not None else None
-    task.confusion = [list(r) for r in confusion] if confusion is not None else None
-    task.classes = list(classes)
-    task.training = {"status": READY, "progress": 1.0, "error": None} if retrain else None
-    task.cancel_requested = False
-    task.updated_at = utcnow()
     try:
         s.flush()
     except IntegrityError:
         s.rollback()
         return None
+    s.expire(task)
     return pv
 
 
-def fail_run(s: Session, task_id: str, attempt: int, *, error: str) -> bool:
+def fail_run(s: Session, task_id: str, attempt: int, *, error: str, owner: str | None = None) -> bool:
     """Mark run ``attempt`` failed with a human-readable ``error`` (``status`` failed, or
     ``training.status`` failed when a version is served and keeps serving). False (no-op)
-    when the run is not current or already finished."""
-    task = _locked_task(s, task_id)
+    when the run is not current, already finished, or (``owner`` given) no longer ``owner``'s."""
+    task = _read_task(s, task_id)
     if task is None or task.attempt != attempt or task.run_status not in ACTIVE_STATUSES:
         return False
-    _finish_run(task, FAILED, error=error)
-    s.flush()
-    return True
+    won = _cas(
+        s, task.id, Task.attempt == attempt, Task.run_status == task.run_status, _same_version(task.version),
+        *_owned(owner), values=_finish_values(task, FAILED, error=error),
+    )
+    if won:
+        s.expire(task)
+    return won
 
 
-def mark_cancelled(s: Session, task_id: str, attempt: int) -> bool:
+def mark_cancelled(s: Session, task_id: str, attempt: int, *, owner: str | None = None) -> bool:
     """The job saw the cancel request and stopped: set ``cancelled``. False (no-op) when the
-    run is not current or already finished."""
-    task = _locked_task(s, task_id)
+    run is not current or already finished; with ``owner``, also when the run is not that
+    owner's any more or no cancel was requested (it stopped for another reason)."""
+    task = _read_task(s, task_id)
     if task is None or task.attempt != attempt or task.run_status not in ACTIVE_STATUSES:
         return False
-    _finish_run(task, CANCELLED, error=None)
-    s.flush()
-    return True
+    extra = (*_owned(owner), Task.cancel_requested.is_(True)) if owner is not None else ()
+    won = _cas(
+        s, task.id, Task.attempt == attempt, Task.run_status == task.run_status, _same_version(task.version),
+        *extra, values=_finish_values(task, CANCELLED, error=None),
+    )
+    if won:
+        s.expire(task)
+    return won
 
 
 def pending_runs(s: Session) -> list[tuple[str, int]]:
-    """``(task_id, attempt)`` of every queued or running run, oldest first: what an in-process
-    runner resubmits at start (a claim of a finished or stale run is a no-op anyway)."""
+    """``(task_id, attempt)`` of every run an in-process runner starting now should submit,
+    oldest first: the queued ones, and the running ones whose lease is not live (their runner
+    stopped). A running run under a live lease is left to the reconciler, which re-queues it
+    once the lease expired. A claim of a finished or stale run is a no-op anyway."""
+    now = utcnow()
     rows = s.execute(
-        select(Task.id, Task.attempt, Task.status, Task.version, Task.training)
-        .where(Task.status.in_(ACTIVE_STATUSES) | Task.training.is_not(None))
+        select(Task.id, Task.attempt, Task.run_status, Task.lease_owner, Task.lease_expires_at)
+        .where(Task.run_status.in_(ACTIVE_STATUSES))
         .order_by(Task.created_at)
     ).all()
-    out = []
-    for r in rows:
-        state = (r.training or {}).get("status") if r.version is not None else r.status
-        if state in ACTIVE_STATUSES:
-            out.append((r.id, r.attempt))
-    return out
+    return [
+        (r.id, r.attempt)
+        for r in rows
+        if r.run_status == QUEUED or r.lease_owner is None or r.lease_expires_at is None or r.lease_expires_at <= now
+    ]
+
+
+# --------------------------------------------------------------------------- reconciler
+
+
+@dataclasses.dataclass(frozen=True)
+class StuckRun:
+    """A run the reconciler must act on (``worker.reconcile``)."""
+
+    task_id: str
+    attempt: int
+    run_status: str
+    queued_at: dt.datetime | None
+    lease_owner: str | None
+    lease_expires_at: dt.datetime | None
+    requeues: int
+
+
+def stuck_runs(s: Session, *, now: dt.datetime, requeue_queued_after_s: float, limit: int = 500) -> list[StuckRun]:
+    """Runs that are queued since before ``now - requeue_queued_after_s`` (their message may
+    be lost) or running without a live lease (their worker stopped): what the reconciler
+    re-sends, re-queues or fails. Oldest first, at most ``limit``."""
+    cutoff = now - dt.timedelta(seconds=requeue_queued_after_s)
+    queued = (Task.run_status == QUEUED) & (Task.queued_at.is_(None) | (Task.queued_at <= cutoff))
+    running = (Task.run_status == RUNNING) & (
+        Task.lease_owner.is_(None) | Task.lease_expires_at.is_(None) | (Task.lease_expires_at <= now)
+    )
+    rows = s.execute(
+        select(
+            Task.id, Task.attempt, Task.run_status, Task.queued_at, Task.lease_owner, Task.lease_expires_at,
+            Task.requeues,
+        )
+        .where(queued | running)
+        .order_by(Task.created_at)
+        .limit(limit)
+    ).all()  # fmt: skip
+    return [StuckRun(r.id, r.attempt, r.run_status, r.queued_at, r.lease_owner, r.lease_expires_at, int(r.requeues or 0)) for r in rows]
+
+
+def mark_resent(s: Session, run: StuckRun, *, now: dt.datetime) -> bool:
+    """Record that queued run ``run`` is sent again now (``queued_at``), if it is still as the
+    reconciler read it: of several reconcilers (workers, API replicas) exactly one re-sends."""
+    same_queued = Task.queued_at.is_(None) if run.queued_at is None else Task.queued_at == run.queued_at
+    return _cas(
+        s, run.task_id, Task.attempt == run.attempt, Task.run_status == QUEUED, same_queued,
+        values={"queued_at": now},
+    )
+
+
+def _stalled(run: StuckRun, now: dt.datetime) -> tuple[Any, ...]:
+    """The run is still running under the very lease the reconciler saw, and it expired."""
+    owner = Task.lease_owner.is_(None) if run.lease_owner is None else Task.lease_owner == run.lease_owner
+    return (
+        Task.attempt == run.attempt,
+        Task.run_status == RUNNING,
+        owner,
+        Task.lease_expires_at.is_(None) | (Task.lease_expires_at <= now),
+    )
+
+
+def requeue_stalled_run(s: Session, run: StuckRun, *, now: dt.datetime) -> bool:
+    """Put running run ``run``, whose lease expired, back to queued as the same attempt
+    (``requeues`` + 1); the caller sends it after the commit. False: someone else acted first
+    (its owner renewed, another reconciler, a cancel or a retrain)."""
+    task = _read_task(s, run.task_id)
+    if task is None:
+        return False
+    values: dict[str, Any] = {"run_status": QUEUED, "queued_at": now, "requeues": Task.requeues + 1, **_lease_cleared()}
+    if task.version is not None:
+        values["training"] = {**(task.training or {}), "status": QUEUED, "error": None}
+    else:
+        values["status"] = QUEUED
+    return _cas(s, run.task_id, *_stalled(run, now), _same_version(task.version), values=values)
+
+
+def fail_stalled_run(s: Session, run: StuckRun, *, now: dt.datetime, error: str) -> bool:
+    """Fail running run ``run`` whose lease expired (it was re-queued too often already) with
+    the readable ``error``; False when someone else acted first."""
+    task = _read_task(s, run.task_id)
+    if task is None:
+        return False
+    won = _cas(
+        s, run.task_id, *_stalled(run, now), _same_version(task.version),
+        values=_finish_values(task, FAILED, error=error),
+    )
+    if won:
+        s.expire(task)
+    return won

@@ -3,7 +3,9 @@
 - ``CeleryDispatcher``: sends ``promptstore.tune(task_id, attempt)`` to the broker.
 - ``ThreadDispatcher``: runs the same job body in a thread pool of the server process
   (``promptstore serve`` with no broker configured); at start it resubmits the runs that
-  were queued or running when the process last stopped.
+  were queued or running (without a live lease) when the process last stopped, and then runs
+  the reconciler (``worker.reconcile``) every ``settings.reconcile_interval_s``, which re-sends
+  queued runs nobody claimed and re-queues or fails runs whose job stopped renewing its lease.
 
 Callers submit only after the database commit that created the run.
 """
@@ -24,6 +26,7 @@ from worker.jobs import JobInterrupted, TransientJobError, mark_failed_after_ret
 
 if TYPE_CHECKING:
     from store.settings import Settings
+    from worker.reconcile import Reconciler
 
 log = logging.getLogger("promptstore.worker")
 
@@ -48,18 +51,42 @@ class CeleryDispatcher:
 
         if not settings.broker_url:
             raise ValueError("CeleryDispatcher needs PROMPTSTORE_BROKER_URL")
-        self.app = make_celery(settings.broker_url, settings.broker_visibility_timeout)
+        self.app = make_celery(
+            settings.broker_url, settings.broker_visibility_timeout, socket_timeout=settings.broker_timeout
+        )
+        self.timeout = settings.broker_timeout
+        self.deadline = settings.broker_deadline
 
     def start(self) -> None:
         pass
 
     def submit(self, task_id: str, attempt: int) -> None:
-        # A connection of our own per submit: Celery's `app.pool` is kombu's process-wide
-        # pool for this broker URL, shared with every other app in the process, so closing
-        # it at shutdown would break them ("Acquire on closed pool"). Task creation is rare
-        # enough that a connect per message costs nothing that matters.
-        with self.app.connection_for_write() as conn:
-            self.app.send_task(TUNE_TASK_NAME, args=[task_id, int(attempt)], connection=conn)
+        """Send the job; every connect and reply waits at most ``broker_timeout``, and attempts
+        stop once ``broker_deadline`` is spent: then ``DependencyTimeout`` (or the broker's
+        error). The job may be lost only as a message: its run stays queued in the database."""
+        from store.timeouts import BROKER, DependencyTimeout
+
+        start = time.monotonic()
+        n = 0
+        while True:
+            try:
+                # A connection of our own per submit: Celery's `app.pool` is kombu's process-wide
+                # pool for this broker URL, shared with every other app in the process, so closing
+                # it at shutdown would break them ("Acquire on closed pool"). Task creation is rare
+                # enough that a connect per message costs nothing that matters.
+                with self.app.connection_for_write() as conn:
+                    self.app.send_task(TUNE_TASK_NAME, args=[task_id, int(attempt)], connection=conn, retry=False)
+                return
+            except Exception as exc:
+                backoff = 0.2 * 2**n
+                n += 1
+                # another attempt only when it fits (connect + one reply) within the deadline
+                if time.monotonic() - start + backoff + 2 * self.timeout > self.deadline:
+                    if "timeout" in f"{type(exc).__name__} {exc}".lower():
+                        raise DependencyTimeout(BROKER, self.timeout) from exc
+                    raise
+                log.warning("enqueueing task %s attempt %s failed (%s); retrying", task_id, attempt, exc)
+                time.sleep(backoff)
 
     def shutdown(self) -> None:
         self.app.close()
@@ -81,15 +108,24 @@ class ThreadDispatcher:
         self._executor: ThreadPoolExecutor | None = None
         #: Called with (task_id, version) after a job of this pool publishes a version.
         self.on_published: Callable[[str, int], None] | None = None
+        self._reconciler: "Reconciler | None" = None
 
     def start(self) -> None:
-        """Start the pool and resubmit runs left queued or running by a previous process."""
+        """Start the pool, resubmit runs left queued or running by a previous process, and
+        start the periodic reconciler."""
+        from worker.reconcile import Reconciler
+
         with self._lock:
             if self._executor is None:
                 self._stop.clear()
                 self._executor = ThreadPoolExecutor(
                     max_workers=self.settings.job_threads, thread_name_prefix="promptstore-job"
                 )
+            if self._reconciler is None:
+                self._reconciler = Reconciler(
+                    self.settings, self._resubmit, sm=runtime.get_sessionmaker(self.settings.database_url)
+                )
+                self._reconciler.start()
         try:
             with session_scope(runtime.get_sessionmaker(self.settings.database_url)) as s:
                 pending = repo.pending_runs(s)
@@ -110,6 +146,11 @@ class ThreadDispatcher:
             fut = self._executor.submit(self._run, task_id, int(attempt))
             self._inflight[key] = fut
         fut.add_done_callback(lambda _f, k=key: self._done(k))
+
+    def _resubmit(self, task_id: str, attempt: int) -> None:
+        """The reconciler's send: a no-op while the pool is stopped (its next start resumes)."""
+        if not self._stop.is_set():
+            self.submit(task_id, attempt)
 
     def _done(self, key: tuple[str, int]) -> None:
         with self._lock:
@@ -155,6 +196,9 @@ class ThreadDispatcher:
         self._stop.set()
         with self._lock:
             ex, self._executor = self._executor, None
+            reconciler, self._reconciler = self._reconciler, None
+        if reconciler is not None:
+            reconciler.stop()
         if ex is not None:
             ex.shutdown(wait=wait, cancel_futures=True)
 

@@ -3,8 +3,15 @@ runner of ``promptstore serve`` (``worker.dispatch.ThreadDispatcher``).
 
 ``run_tune_job(task_id, attempt, settings=...)`` receives ids only. It
 
-1. claims run ``attempt`` of the task (a stale, finished or deleted run is a no-op, so a
-   duplicate delivery does nothing);
+1. claims run ``attempt`` of the task as a unique owner with a lease (a stale, finished or
+   deleted run, or one running under another owner's live lease, is a no-op, so a duplicate
+   delivery does nothing and one attempt never runs twice at once); a heartbeat thread renews
+   the lease every quarter of ``settings.run_lease_s`` (so a long epoch or a slow backbone load
+   does not lose it) and every progress write renews it too. When the lease is lost (the
+   reconciler re-queued the run after the lease expired and another execution took it over)
+   the job stops at its next step without publishing: every write it makes is conditional on
+   its owner. The lease is released when the job stops without finishing (shutdown,
+   transient error), so a retry can claim the run at once;
 2. reads the dataset zip from the object store and decodes it with ``store.archive``
    (the same checks as at upload), preprocessing each image with the backbone;
 3. tunes through ``backbone.tune`` on the process's one backbone, writing progress to the
@@ -64,6 +71,10 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionError,
     TimeoutError,
 )
+
+
+#: Logged when a job finds its run taken over (its lease expired, the reconciler re-queued it).
+LOST_LEASE = "task %s attempt %s: lost its lease (the run was re-queued and taken over); stopping without publishing"
 
 
 class TransientJobError(Exception):
@@ -138,10 +149,14 @@ def _run(
     on_published: Callable[[str, int], None] | None = None,
 ) -> str:
     sm = runtime.get_sessionmaker(settings.database_url)
+    owner = repo.new_lease_owner()
     with session_scope(sm) as s:
-        task = repo.claim_run(s, task_id, attempt)
+        task = repo.claim_run(s, task_id, attempt, owner=owner, lease_s=settings.run_lease_s)
         if task is None:
-            log.info("task %s attempt %s: nothing to do (finished, stale or deleted)", task_id, attempt)
+            log.info(
+                "task %s attempt %s: nothing to do (finished, stale, deleted or running under another "
+                "worker's live lease)", task_id, attempt,
+            )
             return "skipped"
         logcontext.set_ids(tenant_id=task.tenant_id)
         dataset_key = None
@@ -158,8 +173,10 @@ def _run(
         )
     log.info("task %s attempt %s: tuning %s", task_id, attempt, run.method)
 
+    lease = _Lease(sm, task_id, attempt, owner, settings.run_lease_s)
+    lease.start()
     try:
-        return _tune_and_publish(task_id, attempt, run, settings, sm, stop_event, on_published)
+        return _tune_and_publish(task_id, attempt, run, settings, sm, stop_event, on_published, lease)
     except (TransientJobError, JobInterrupted):
         raise
     except Exception as exc:
@@ -172,8 +189,55 @@ def _run(
         else:
             log.info("task %s attempt %s: failed: %s", task_id, attempt, reason)
         with session_scope(sm) as s:
-            repo.fail_run(s, task_id, attempt, error=reason)
+            repo.fail_run(s, task_id, attempt, error=reason, owner=owner)
         return "failed"
+    finally:
+        lease.stop()
+        lease.release()  # a no-op once the run finished; else a retry may claim it at once
+
+
+class _Lease:
+    """The job's hold on its run: a daemon thread renews it every quarter of ``lease_s``;
+    ``lost`` is set once a renewal finds the run no longer this owner's (or not running)."""
+
+    def __init__(self, sm: Any, task_id: str, attempt: int, owner: str, lease_s: float) -> None:
+        self.sm = sm
+        self.task_id = task_id
+        self.attempt = attempt
+        self.owner = owner
+        self.lease_s = float(lease_s)
+        self.lost = threading.Event()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name=f"promptstore-lease-{self.task_id[:8]}", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        interval = max(0.05, self.lease_s / 4)
+        while not self._done.wait(interval):
+            try:
+                with session_scope(self.sm) as s:
+                    held = repo.renew_lease(s, self.task_id, self.attempt, owner=self.owner, lease_s=self.lease_s)
+            except Exception as exc:  # the database may be briefly down; the lease has slack
+                log.warning("task %s attempt %s: lease renewal failed: %s", self.task_id, self.attempt, _brief(exc))
+                continue
+            if not held:
+                self.lost.set()
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5)
+
+    def release(self) -> None:
+        try:
+            with session_scope(self.sm) as s:
+                repo.release_lease(s, self.task_id, self.attempt, owner=self.owner)
+        except Exception as exc:  # it expires by itself
+            log.warning("task %s attempt %s: could not release the lease: %s", self.task_id, self.attempt, _brief(exc))
 
 
 def failure_reason(exc: BaseException) -> str | None:
@@ -205,7 +269,8 @@ def _tune_and_publish(
     settings: "Settings",
     sm: Any,
     stop_event: threading.Event | None,
-    on_published: Callable[[str, int], None] | None = None,
+    on_published: Callable[[str, int], None] | None,
+    lease: _Lease,
 ) -> str:
     import torch
 
@@ -214,7 +279,7 @@ def _tune_and_publish(
     objects = runtime.get_object_store(settings)
     backbone = runtime.get_backbone(settings.backbone, settings.device)
     config = validate_config(run.method, run.config)
-    monitor = _Monitor(sm, task_id, attempt, stop_event)
+    monitor = _Monitor(sm, task_id, attempt, stop_event, lease)
 
     images = labels = None
     classes = run.classes
@@ -250,7 +315,10 @@ def _tune_and_publish(
         if stop_event is not None and stop_event.is_set():
             raise JobInterrupted() from None
         with session_scope(sm) as s:
-            done = repo.mark_cancelled(s, task_id, attempt)
+            done = repo.mark_cancelled(s, task_id, attempt, owner=lease.owner)
+        if not done and (lease.lost.is_set() or _taken_over(sm, task_id, attempt, lease.owner)):
+            log.warning(LOST_LEASE, task_id, attempt)
+            return "lost"
         log.info("task %s attempt %s: cancelled%s", task_id, attempt, "" if done else " (run no longer current)")
         return "cancelled"
     del images, labels
@@ -272,8 +340,17 @@ def _tune_and_publish(
         metrics=metrics,
         history=history,
         confusion=confusion,
+        owner=lease.owner,
     )
     if pv is None:
+        with session_scope(sm) as s:  # refused because a cancel won the race with the publish?
+            cancelled = repo.mark_cancelled(s, task_id, attempt, owner=lease.owner)
+        if cancelled:
+            log.info("task %s attempt %s: cancelled", task_id, attempt)
+            return "cancelled"
+        if _taken_over(sm, task_id, attempt, lease.owner):
+            log.warning(LOST_LEASE, task_id, attempt)
+            return "lost"
         log.info("task %s attempt %s: run no longer current; nothing published", task_id, attempt)
         return "skipped"
     log.info("task %s attempt %s: published version %s (%d bytes)", task_id, attempt, pv.version, pv.size)
@@ -284,10 +361,22 @@ def _tune_and_publish(
     return "published"
 
 
+def _taken_over(sm: Any, task_id: str, attempt: int, owner: str) -> bool:
+    """True when run ``attempt`` is still current but no longer held by ``owner``."""
+    with session_scope(sm) as s:
+        task = repo.get_task_for_job(s, task_id)
+        return task is not None and task.attempt == attempt and task.lease_owner != owner and task.run_status in (
+            "queued", "running"
+        )
+
+
 class _Monitor:
     """Progress writes and cancel checks, both throttled to one DB round trip per interval."""
 
-    def __init__(self, sm: Any, task_id: str, attempt: int, stop_event: threading.Event | None) -> None:
+    def __init__(
+        self, sm: Any, task_id: str, attempt: int, stop_event: threading.Event | None, lease: _Lease
+    ) -> None:
+        self.lease = lease
         self.sm = sm
         self.task_id = task_id
         self.attempt = attempt
@@ -313,20 +402,23 @@ class _Monitor:
         self.last_check = now
         history = [self.history[k] for k in sorted(self.history)] or None
         with session_scope(self.sm) as s:
-            go_on = repo.record_progress(s, self.task_id, self.attempt, progress=fraction, history=history)
+            go_on = repo.record_progress(
+                s, self.task_id, self.attempt, progress=fraction, history=history,
+                owner=self.lease.owner, lease_s=self.lease.lease_s,
+            )
         if not go_on:
             self.stop = True
 
     def should_cancel(self) -> bool:
         if self.stop_event is not None and self.stop_event.is_set():
             return True
-        if self.stop:
+        if self.stop or self.lease.lost.is_set():
             return True
         now = time.monotonic()
         if now - self.last_check >= PROGRESS_INTERVAL_S:
             self.last_check = now
             with session_scope(self.sm) as s:
-                self.stop = repo.should_stop(s, self.task_id, self.attempt)
+                self.stop = repo.should_stop(s, self.task_id, self.attempt, owner=self.lease.owner)
         return self.stop
 
 
