@@ -15,6 +15,7 @@ from api.engine import Engine
 from api.middleware import FORM_OVERHEAD_BYTES, BodyLimitMiddleware, HttpMetrics, MetricsMiddleware
 from api.ratelimit import RateLimiter
 from api.state import RequestCounter, ServiceState
+from store.consistency import PeriodicCollector
 from store.settings import Settings, get_settings
 from worker import runtime
 from worker.dispatch import CeleryDispatcher, ThreadDispatcher, make_dispatcher
@@ -47,7 +48,9 @@ def create_app(
         "ready to serve: backbone %s loaded on %s", runtime.public_text(bb.spec), bb.device
     ))
     objects = runtime.get_object_store(settings)
-    sm = runtime.get_sessionmaker(settings.database_url)
+    sm = runtime.get_sessionmaker(
+        settings.database_url, connect_timeout=settings.db_connect_timeout, timeout=settings.db_timeout
+    )
     state = ServiceState(
         settings=settings,
         sessionmaker=sm,
@@ -66,9 +69,11 @@ def create_app(
         dispatcher=dispatcher or make_dispatcher(settings),
         registry=registry,
         http_metrics=http_metrics,
-        limiter=RateLimiter(settings.redis_url, registry),
+        limiter=RateLimiter(settings.redis_url, registry, timeout=settings.redis_timeout),
         requests=RequestCounter(sm),
     )
+
+    gc = PeriodicCollector(sm, objects, interval=settings.gc_interval, grace_s=settings.gc_grace)
 
     if isinstance(state.dispatcher, ThreadDispatcher):
         state.dispatcher.on_published = state.inference.published
@@ -83,9 +88,11 @@ def create_app(
         state.inference.start()
         state.requests.start()
         state.dispatcher.start()
+        gc.start()  # deletes objects no row refers to, past the grace (store.consistency)
         try:
             yield
         finally:
+            gc.close()
             state.dispatcher.shutdown()
             state.inference.close()
             state.requests.close()
@@ -99,12 +106,17 @@ def create_app(
         redoc_url=None,
     )
     app.state.ps = state
+    app.state.gc = gc
     install_error_handlers(app)
     install_docs(app)
+    from api.openapi import install_openapi
 
-    from api.routes import classify, ops, tasks, tenants
+    install_openapi(app)  # error responses described as {"detail": str} (api/openapi.py)
+
+    from api.routes import classify, fsck, ops, tasks, tenants
 
     app.include_router(ops.router)
+    app.include_router(fsck.router)
     app.include_router(tenants.router)
     app.include_router(tasks.router)
     app.include_router(classify.router)

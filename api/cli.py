@@ -168,7 +168,16 @@ def serve(
     from api.app import create_app
 
     # access_log off: api.middleware logs each request itself, with its request/tenant/task ids
-    uvicorn.run(create_app(settings), host=host, port=port, log_config=None, proxy_headers=True, access_log=False)
+    uvicorn.run(
+        create_app(settings), host=host, port=port, log_config=None, proxy_headers=True, access_log=False,
+        **http_options(settings),
+    )
+
+
+def http_options(settings: Any) -> dict[str, Any]:
+    """The HTTP layer's limits (uvicorn with h11), from settings; docs/operations.md "Hostile input
+    and the error contract" says what it answers past them."""
+    return {"http": "h11", "h11_max_incomplete_event_size": settings.http_max_header_bytes}
 
 
 @app.command()
@@ -189,6 +198,17 @@ def worker(
     celery_app.conf.broker_url = settings.broker_url
     pool = "solo" if concurrency == 1 else "prefork"
     _preload_backbone_in_job_processes(settings, pool)
+    from store.consistency import PeriodicCollector
+
+    # the object garbage collector (PROMPTSTORE_GC_INTERVAL; its own connections, opened in its thread)
+    PeriodicCollector.from_settings(settings).start()
+    from worker.dispatch import CeleryDispatcher
+    from worker.reconcile import Reconciler
+
+    # the run reconciler (PROMPTSTORE_RECONCILE_INTERVAL_S): re-sends queued runs whose message
+    # was lost, re-queues or fails runs whose worker stopped renewing its lease; safe with many
+    # workers (each decision is a conditional write); its own connections, opened in its thread
+    Reconciler(settings, CeleryDispatcher(settings).submit).start()
     celery_app.worker_main(
         ["worker", f"--loglevel={loglevel}", f"--concurrency={concurrency}", f"--pool={pool}", "--without-gossip",
          "--without-mingle", "-Q", "promptstore"]
@@ -251,6 +271,38 @@ def _require_index(database_url: str) -> None:
     if current != head:
         state = "is not migrated" if current is None else f"is at revision {current}, the code needs {head}"
         _fail(f"the database {where} {state}; run `promptstore migrate` first", 1)
+
+
+@app.command()
+def fsck(
+    gc: bool = typer.Option(False, "--gc", help="Delete the orphans older than the grace period."),
+    grace: float = typer.Option(
+        None, min=0, help="Grace period in seconds (default PROMPTSTORE_GC_GRACE): younger orphans are kept."
+    ),
+) -> None:
+    """Check that objects and rows agree: prints {"orphans", "missing", "collected", ...} as one
+    JSON object. Orphans are objects no row refers to (young ones may be uploads in flight),
+    missing are rows whose object is gone. Exit status 1 when an object is missing."""
+    settings = _settings()
+    setup_logging(settings.log_format, logging.WARNING)
+    from store.consistency import check, collect
+    from store.db import make_engine, make_sessionmaker
+    from store.objects import ObjectStoreError, open_object_store
+
+    _require_index(settings.database_url)
+    grace_s = settings.gc_grace if grace is None else grace
+    engine = make_engine(settings.database_url)
+    try:
+        objects = open_object_store(settings)
+        sm = make_sessionmaker(engine)
+        report = collect(sm, objects, grace_s=grace_s) if gc else check(sm, objects, grace_s=grace_s)
+    except ObjectStoreError as exc:
+        _fail(str(exc), 1)
+    finally:
+        engine.dispose()
+    typer.echo(json.dumps(report.as_json()))
+    if report.missing:
+        _fail(f"{len(report.missing)} row(s) point at an object that is not in {objects.location}", 1)
 
 
 @app.command()

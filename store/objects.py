@@ -10,14 +10,22 @@ with ``InvalidKey`` so no key can escape the store. Content-addressed layout:
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import hashlib
 import io
 import os
 import re
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import parse_qs, urlsplit
+
+from store.timeouts import OBJECT_STORE, DependencyTimeout
 
 if TYPE_CHECKING:
     from store.settings import Settings
@@ -33,6 +41,13 @@ class ObjectNotFound(ObjectStoreError, LookupError):
 
 class InvalidKey(ObjectStoreError, ValueError):
     """A key that is not a plain relative path inside the store."""
+
+
+class ObjectStoreTimeout(DependencyTimeout, ObjectStoreError):
+    """The object store did not answer within its deadline (``s3_deadline``); the API answers 503."""
+
+    def __init__(self, seconds: float) -> None:
+        DependencyTimeout.__init__(self, OBJECT_STORE, seconds)
 
 
 _SEGMENT = r"[A-Za-z0-9_-][A-Za-z0-9._-]*"
@@ -62,6 +77,17 @@ def dataset_key(tenant_id: str, sha256: str) -> str:
     return validate_key(f"datasets/{tenant_id}/{sha256}.zip")
 
 
+@dataclasses.dataclass(frozen=True)
+class ObjectInfo:
+    """One stored object as ``list``/``stat`` see it; ``last_modified`` is timezone-aware UTC and
+    moves forward on every ``put`` (a put always rewrites, even the same bytes under the same key:
+    the garbage collector's grace period counts from it)."""
+
+    key: str
+    size: int
+    last_modified: dt.datetime
+
+
 @runtime_checkable
 class ObjectStore(Protocol):
     #: Where the objects live, for logs and /readyz (never contains credentials).
@@ -76,6 +102,14 @@ class ObjectStore(Protocol):
     def exists(self, key: str) -> bool: ...
 
     def ping(self) -> None: ...
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix``, in no particular order."""
+        ...
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        """The object's size and last-modified time, or None when there is none."""
+        ...
 
 
 class LocalObjectStore:
@@ -143,8 +177,73 @@ class LocalObjectStore:
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise ObjectStoreError(f"object store {self.location} is not writable")
 
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Objects under the keys starting with ``prefix``; temp files of writes in progress
+        (names starting with a dot) are not objects and are skipped."""
+        start = self.root
+        if "/" in prefix:
+            start = self._path(prefix.rsplit("/", 1)[0])
+        if not start.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(start):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            for name in filenames:
+                if name.startswith("."):
+                    continue
+                key = name if rel == "." else f"{rel}/{name}"
+                if not key.startswith(prefix):
+                    continue
+                try:
+                    info = self.stat(key)
+                except InvalidKey:  # not written by the store (odd characters): not one of its objects
+                    continue
+                if info is not None:
+                    yield info
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        import stat as stat_mod
+
+        try:
+            st = self._path(key).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not stat_mod.S_ISREG(st.st_mode):
+            return None
+        return ObjectInfo(key, st.st_size, dt.datetime.fromtimestamp(st.st_mtime, tz=dt.timezone.utc))
+
 
 _MISSING_CODES = frozenset({"NoSuchKey", "NoSuchObject", "NoSuchBucket", "ResourceNotFound"})
+#: S3 error codes worth another attempt.
+_TRANSIENT_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"})
+_T = TypeVar("_T")
+#: Bytes per second a large object is given on top of ``s3_deadline`` (1 MiB/s: a 200 MiB
+#: dataset may take 200 s more), so that the deadline bounds waiting, not size.
+MIN_TRANSFER_RATE = 1024 * 1024
+#: The deadline (time.monotonic()) of the S3 call this thread is in, if any.
+_call_state = threading.local()
+
+
+def _deadline_pool_manager_class() -> Any:
+    import urllib3
+
+    class DeadlinePoolManager(urllib3.PoolManager):
+        """A pool whose every request gets the store's connect/read timeouts, cut to the
+        current call's deadline (minio passes no timeout of its own)."""
+
+        def __init__(self, store: "S3ObjectStore", **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._store = store
+
+        def urlopen(self, method: str, url: str, redirect: bool = True, **kw: Any) -> Any:
+            kw.setdefault("timeout", self._store.attempt_timeout())
+            return super().urlopen(method, url, redirect=redirect, **kw)
+
+    return DeadlinePoolManager
+
+
+def _DeadlinePoolManager(store: "S3ObjectStore", **kwargs: Any) -> Any:
+    return _deadline_pool_manager_class()(store, **kwargs)
 
 
 class S3ObjectStore:
@@ -159,10 +258,11 @@ class S3ObjectStore:
         secret_key: str | None = None,
         region: str | None = None,
         secure: bool | None = None,
-        connect_timeout: float = 5.0,
-        read_timeout: float = 60.0,
+        connect_timeout: float = 2.0,
+        read_timeout: float = 5.0,
+        retries: int = 2,
+        deadline: float = 8.0,
     ) -> None:
-        import urllib3
         from minio import Minio
 
         endpoint = endpoint or "https://s3.amazonaws.com"
@@ -182,12 +282,12 @@ class S3ObjectStore:
                 pool_kwargs.update(cert_reqs="CERT_REQUIRED", ca_certs=certifi.where())
             except ImportError:  # pragma: no cover - certifi comes with minio
                 pass
-        http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
-            retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
-            maxsize=16,
-            **pool_kwargs,
-        )
+        self.connect_timeout = float(connect_timeout)
+        self.read_timeout = float(read_timeout)
+        self.retries = int(retries)
+        self.deadline = float(deadline)
+        # Retries are ours (``_call``), inside one deadline; urllib3 makes one attempt per call.
+        http = _DeadlinePoolManager(self, retries=False, maxsize=16, **pool_kwargs)
         self.client = Minio(
             parts.netloc,
             access_key=access_key,
@@ -199,7 +299,9 @@ class S3ObjectStore:
         self._bucket_ready = False
 
     @classmethod
-    def from_url(cls, url: str, *, access_key: str | None = None, secret_key: str | None = None) -> "S3ObjectStore":
+    def from_url(
+        cls, url: str, *, access_key: str | None = None, secret_key: str | None = None, **timeouts: Any
+    ) -> "S3ObjectStore":
         """``s3://bucket?endpoint=http://host:port[&region=R][&secure=true|false]``."""
         parts = urlsplit(url)
         if parts.scheme != "s3" or not parts.netloc:
@@ -220,7 +322,56 @@ class S3ObjectStore:
             secret_key=secret_key,
             region=query.get("region"),
             secure=secure,
+            **timeouts,
         )
+
+    def attempt_timeout(self) -> Any:
+        """The urllib3 timeout of one HTTP attempt: the configured connect and read timeouts,
+        cut to what is left of the current call's deadline."""
+        import urllib3
+
+        deadline = getattr(_call_state, "deadline", None)
+        if deadline is None:
+            return urllib3.Timeout(connect=self.connect_timeout, read=self.read_timeout)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ObjectStoreTimeout(self.deadline)
+        return urllib3.Timeout(connect=min(self.connect_timeout, left), read=min(self.read_timeout, left), total=left)
+
+    def _call(self, action: str, key: str | None, fn: Callable[[], _T], size: int = 0) -> _T:
+        """``fn()`` (minio calls) retried after a connection error, a timeout or a 5xx, at most
+        ``retries`` times and all within ``deadline`` seconds; past it ``ObjectStoreTimeout``.
+        Other errors (S3Error: missing key, denied, ...) go to the caller as they are."""
+        import urllib3
+        from minio.error import S3Error, ServerError
+
+        start = time.monotonic()
+        outer = getattr(_call_state, "deadline", None)
+        # a large body gets the time to travel at MIN_TRANSFER_RATE on top of the deadline
+        _call_state.deadline = start + self.deadline + size / MIN_TRANSFER_RATE if outer is None else outer
+        try:
+            attempt = 0
+            while True:
+                try:
+                    return fn()
+                except ObjectStoreTimeout:
+                    raise
+                except S3Error as exc:
+                    if exc.code not in _TRANSIENT_CODES:
+                        raise
+                    last: Exception = exc
+                except (urllib3.exceptions.HTTPError, ServerError, OSError) as exc:
+                    last = exc
+                timed_out = isinstance(last, (urllib3.exceptions.TimeoutError, TimeoutError))
+                backoff = 0.1 * 2**attempt
+                attempt += 1
+                if attempt > self.retries or time.monotonic() + backoff >= _call_state.deadline:
+                    if timed_out or time.monotonic() >= _call_state.deadline:
+                        raise ObjectStoreTimeout(self.deadline) from None
+                    raise self._error(action, key, last) from None
+                time.sleep(backoff)
+        finally:
+            _call_state.deadline = outer
 
     def _error(self, action: str, key: str | None, exc: Exception) -> ObjectStoreError:
         what = f" {key!r}" if key else ""
@@ -232,13 +383,16 @@ class S3ObjectStore:
             return
         from minio.error import S3Error
 
-        try:
+        def ensure() -> None:
             if not self.client.bucket_exists(self.bucket):
                 try:
                     self.client.make_bucket(self.bucket)
                 except S3Error as exc:
                     if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                         raise
+
+        try:
+            self._call("creating bucket", None, ensure)
         except ObjectStoreError:
             raise
         except Exception as exc:
@@ -249,7 +403,9 @@ class S3ObjectStore:
         validate_key(key)
         self.ensure_bucket()
         try:
-            self.client.put_object(self.bucket, key, io.BytesIO(data), len(data))
+            self._call("put", key, lambda: self.client.put_object(self.bucket, key, io.BytesIO(data), len(data)), len(data))
+        except ObjectStoreError:
+            raise
         except Exception as exc:
             raise self._error("put", key, exc) from None
 
@@ -257,30 +413,44 @@ class S3ObjectStore:
         from minio.error import S3Error
 
         validate_key(key)
-        try:
+
+        def read() -> bytes:
             resp = self.client.get_object(self.bucket, key)
+            try:
+                chunks = []
+                for chunk in resp.stream(1024 * 1024):
+                    chunks.append(chunk)
+                    # a body that keeps arriving at MIN_TRANSFER_RATE is not cut; a silent one
+                    # ends after the read timeout (urllib3)
+                    _call_state.deadline += len(chunk) / MIN_TRANSFER_RATE
+                return b"".join(chunks)
+            finally:
+                resp.close()
+                resp.release_conn()
+
+        try:
+            return self._call("get", key, read)
         except S3Error as exc:
             if exc.code in _MISSING_CODES:
                 raise ObjectNotFound(f"no object {key!r} in {self.location}") from None
             raise self._error("get", key, exc) from None
+        except ObjectStoreError:
+            raise
         except Exception as exc:
             raise self._error("get", key, exc) from None
-        try:
-            return resp.read()
-        finally:
-            resp.close()
-            resp.release_conn()
 
     def delete(self, key: str) -> None:
         from minio.error import S3Error
 
         validate_key(key)
         try:
-            self.client.remove_object(self.bucket, key)
+            self._call("delete", key, lambda: self.client.remove_object(self.bucket, key))
         except S3Error as exc:
             if exc.code in _MISSING_CODES:
                 return
             raise self._error("delete", key, exc) from None
+        except ObjectStoreError:
+            raise
         except Exception as exc:
             raise self._error("delete", key, exc) from None
 
@@ -289,18 +459,57 @@ class S3ObjectStore:
 
         validate_key(key)
         try:
-            self.client.stat_object(self.bucket, key)
+            self._call("stat", key, lambda: self.client.stat_object(self.bucket, key))
             return True
         except S3Error as exc:
             if exc.code in _MISSING_CODES:
                 return False
             raise self._error("stat", key, exc) from None
+        except ObjectStoreError:
+            raise
         except Exception as exc:
             raise self._error("stat", key, exc) from None
 
     def ping(self) -> None:
         self._bucket_ready = False
         self.ensure_bucket()
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        from minio.error import S3Error
+
+        try:
+            for obj in self.client.list_objects(self.bucket, prefix=prefix or None, recursive=True):
+                if obj.is_dir or obj.object_name is None:
+                    continue
+                modified = obj.last_modified or dt.datetime.now(dt.timezone.utc)
+                if modified.tzinfo is None:
+                    modified = modified.replace(tzinfo=dt.timezone.utc)
+                yield ObjectInfo(obj.object_name, int(obj.size or 0), modified)
+        except S3Error as exc:
+            if exc.code == "NoSuchBucket":
+                return
+            raise self._error("list", prefix or None, exc) from None
+        except ObjectStoreError:
+            raise
+        except Exception as exc:
+            raise self._error("list", prefix or None, exc) from None
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        from minio.error import S3Error
+
+        validate_key(key)
+        try:
+            st = self.client.stat_object(self.bucket, key)
+        except S3Error as exc:
+            if exc.code in _MISSING_CODES:
+                return None
+            raise self._error("stat", key, exc) from None
+        except Exception as exc:
+            raise self._error("stat", key, exc) from None
+        modified = st.last_modified or dt.datetime.now(dt.timezone.utc)
+        if modified.tzinfo is None:
+            modified = modified.replace(tzinfo=dt.timezone.utc)
+        return ObjectInfo(key, int(st.size or 0), modified)
 
 
 def open_object_store(
@@ -320,7 +529,13 @@ def open_object_store(
             raise ObjectStoreError("file:// object store URL needs a path, e.g. file://./var/objects")
         return LocalObjectStore(path)
     if url.startswith("s3://"):
-        return S3ObjectStore.from_url(url, access_key=access_key, secret_key=secret_key)
+        timeouts: dict[str, Any] = {}
+        if not isinstance(settings_or_url, str):
+            timeouts = dict(
+                connect_timeout=settings_or_url.s3_connect_timeout, read_timeout=settings_or_url.s3_read_timeout,
+                retries=settings_or_url.s3_retries, deadline=settings_or_url.s3_deadline,
+            )
+        return S3ObjectStore.from_url(url, access_key=access_key, secret_key=secret_key, **timeouts)
     raise ObjectStoreError(
         f"unsupported object store URL {url!r}; use file://PATH or s3://BUCKET?endpoint=http://HOST:PORT"
     )

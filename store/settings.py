@@ -75,8 +75,73 @@ class Settings(BaseSettings):
         "authentication from that address gets 429 until the bucket refills. 0: no limit.",
     )
     admin_auth_failure_burst: int = Field(10, ge=0, description="Failed admin-token attempts allowed at once.")
+    gc_interval: float = Field(
+        3600.0, ge=0,
+        description="Seconds between the object garbage collector's passes in `serve` and `worker` (it deletes "
+        "objects no row refers to once they are older than gc_grace); 0 turns the periodic pass off "
+        "(then run `promptstore fsck --gc` from a schedule).",
+    )
+    gc_grace: float = Field(
+        24 * 3600.0, ge=0,
+        description="Seconds an object with no row referring to it is kept before the garbage collector may "
+        "delete it: must exceed the longest time between a write of an object and the commit of its row "
+        "(an upload request, a publish).",
+    )
+    http_max_header_bytes: int = Field(
+        16 * 1024, gt=0,
+        description="Largest request line plus headers uvicorn's HTTP parser (h11) buffers; past it the HTTP layer "
+        "answers 400 text/plain 'Invalid HTTP request received.' and closes (docs/operations.md).",
+    )
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
     job_threads: int = Field(1, gt=0, description="In-process tuning threads when no broker is configured.")
+    run_lease_s: float = Field(
+        30.0, gt=0,
+        description="Seconds a running tuning job's lease lasts; the job renews it (heartbeat) every quarter of "
+        "this. A run whose lease expired has no live worker: the reconciler re-queues or fails it.",
+    )
+    reconcile_interval_s: float = Field(
+        10.0, gt=0,
+        description="Seconds between two passes of the run reconciler (in `promptstore worker`, and in "
+        "`promptstore serve` when jobs run in-process).",
+    )
+    requeue_queued_after_s: float = Field(
+        300.0, gt=0,
+        description="A run still queued (not claimed by any job) this many seconds after it was sent is sent "
+        "again (its message may have been lost); duplicates are harmless.",
+    )
+    run_max_requeues: int = Field(
+        2, ge=0,
+        description="Times the reconciler re-queues a run whose worker stopped responding before it fails the "
+        "run with a reason instead.",
+    )
+    # Timeouts (docs/operations.md "Timeouts and retries"): past them a request gets 503 naming the part.
+    db_connect_timeout: float = Field(
+        3.0, gt=0, description="Seconds to open a database connection, or to wait for a free pooled one "
+        "(Postgres' connect_timeout counts whole seconds, at least 2).",
+    )
+    db_timeout: float = Field(
+        5.0, gt=0, description="Seconds one database statement may take: Postgres cancels it (statement_timeout, "
+        "lock_timeout) and the client gives up 1 s later on a server that does not answer at all.",
+    )
+    s3_connect_timeout: float = Field(2.0, gt=0, description="Seconds to connect to the S3 endpoint.")
+    s3_read_timeout: float = Field(5.0, gt=0, description="Seconds the S3 endpoint may stay silent during a call.")
+    s3_retries: int = Field(2, ge=0, description="Retries of an S3 call after a connection error, timeout or 5xx.")
+    s3_deadline: float = Field(
+        8.0, gt=0, description="Seconds one object-store call may take in all, retries included.",
+    )
+    redis_timeout: float = Field(
+        0.5, gt=0, description="Connect and read timeout (s) of the API's Redis (rate limits, cache invalidation).",
+    )
+    broker_timeout: float = Field(2.0, gt=0, description="Connect and read timeout (s) of one broker call.")
+    broker_deadline: float = Field(
+        5.0, gt=0, description="Seconds enqueueing one job may take in all, retries included.",
+    )
+    readyz_timeout: float = Field(
+        2.0, gt=0, description="Seconds each /readyz check may take; keep it below the probe's timeout.",
+    )
+    idempotency_key_ttl: float = Field(
+        24 * 3600, gt=0, description="Seconds an Idempotency-Key is remembered (same key: the first answer).",
+    )
 
     @computed_field  # type: ignore[prop-decorator]
     @property

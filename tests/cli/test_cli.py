@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from freshdb import fresh_pg_url  # noqa: F401 - fixture
 from procs import free_port, run_cli, settings_env, started
 from psdata import b64, image_bytes
 
@@ -28,26 +27,6 @@ TINY = "open_clip:tiny:random"
 
 def _env(**extra: str) -> dict[str, str]:
     return settings_env(None, PROMPTSTORE_BACKBONE=TINY, PROMPTSTORE_DEVICE="cpu", **extra)
-
-
-@pytest.fixture
-def fresh_pg() -> Iterator[str]:
-    """A new, empty (never migrated) Postgres database, dropped afterwards."""
-    import psycopg
-
-    try:
-        admin = psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", autocommit=True,
-                                connect_timeout=5)  # fmt: skip
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"Postgres at 127.0.0.1:5432 is not available: {exc}", pytrace=False)
-    name = f"promptstore_cli_{uuid.uuid4().hex[:12]}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", autocommit=True) as c:
-            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _one_json_object(stdout: str) -> dict[str, Any]:
@@ -95,19 +74,19 @@ def test_tenant_create_prints_one_json_object_and_refuses_a_duplicate(tmp_path: 
     assert _one_json_object(other.stdout)["api_key"] != out["api_key"]
 
 
-def test_migrate_against_postgres_then_tenant_create(tmp_path: Path, fresh_pg: str) -> None:
+def test_migrate_against_postgres_then_tenant_create(tmp_path: Path, fresh_pg_url: str) -> None:
     from store.migrate import current_revision, head_revision
 
-    env = _env(PROMPTSTORE_DATABASE_URL=fresh_pg)
+    env = _env(PROMPTSTORE_DATABASE_URL=fresh_pg_url)
     # Not the embedded database: tenant create does not migrate it, and says what to do.
     r = run_cli(["tenant", "create", "early"], env=env, cwd=tmp_path)
     assert r.returncode != 0 and "promptstore migrate" in r.stderr and "Traceback" not in r.stderr
-    assert current_revision(fresh_pg) is None
+    assert current_revision(fresh_pg_url) is None
 
     for _ in range(2):  # idempotent
         r = run_cli(["migrate"], env=env, cwd=tmp_path)
         assert r.returncode == 0, r.stderr
-        assert current_revision(fresh_pg) == head_revision()
+        assert current_revision(fresh_pg_url) == head_revision()
     r = run_cli(["tenant", "create", "pg-tenant"], env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert _one_json_object(r.stdout)["name"] == "pg-tenant"
@@ -199,14 +178,14 @@ def test_serve_on_embedded_defaults_end_to_end_over_http(tmp_path: Path) -> None
         assert r.status_code == 200 and r.json()["count"] == 1
 
 
-def test_serve_applies_no_migration_to_a_non_embedded_database(tmp_path: Path, fresh_pg: str) -> None:
+def test_serve_applies_no_migration_to_a_non_embedded_database(tmp_path: Path, fresh_pg_url: str) -> None:
     from store.migrate import current_revision
 
     port = free_port()
-    env = _env(PROMPTSTORE_DATABASE_URL=fresh_pg, PROMPTSTORE_ADMIN_TOKEN="a-real-secret-" + "y" * 24)
+    env = _env(PROMPTSTORE_DATABASE_URL=fresh_pg_url, PROMPTSTORE_ADMIN_TOKEN="a-real-secret-" + "y" * 24)
     with started(["serve", "--port", str(port)], env=env, cwd=tmp_path, name="serve") as serve:
         serve.wait_for("Uvicorn running", timeout=90)
         assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
         assert "applying migrations" not in serve.stderr()
         assert "Generated admin token" not in serve.stdout()
-    assert current_revision(fresh_pg) is None
+    assert current_revision(fresh_pg_url) is None

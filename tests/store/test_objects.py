@@ -194,3 +194,38 @@ def test_content_addressed_keys():
     assert dataset_key("t", digest) == f"datasets/t/{digest}.zip"
     with pytest.raises(InvalidKey):
         prompt_key("..", "k", digest)
+
+
+# ----------------------------------------------------------------------------- list and stat
+
+
+def test_list_and_stat_see_every_object_with_its_size_and_time(object_store) -> None:
+    """What the garbage collector reads (store.consistency): keys under a prefix, sizes and
+    last-modified times (timezone-aware); a rewrite never moves the time backwards."""
+    object_store.put("datasets/t1/a.zip", b"aaa")
+    object_store.put("datasets/t2/b.zip", b"bb")
+    object_store.put("prompts/t1/task/c.safetensors", b"c")
+    assert sorted(i.key for i in object_store.list("datasets/")) == ["datasets/t1/a.zip", "datasets/t2/b.zip"]
+    assert sorted(i.key for i in object_store.list("")) == [
+        "datasets/t1/a.zip", "datasets/t2/b.zip", "prompts/t1/task/c.safetensors",
+    ]
+    assert [i.key for i in object_store.list("datasets/t2/")] == ["datasets/t2/b.zip"]
+    assert list(object_store.list("nothing/here/")) == []
+    info = object_store.stat("datasets/t1/a.zip")
+    assert info is not None and info.size == 3 and info.last_modified.tzinfo is not None
+    assert {i.key: i.size for i in object_store.list("datasets/")}["datasets/t1/a.zip"] == 3
+    assert object_store.stat("datasets/t1/none.zip") is None
+    object_store.put("datasets/t1/a.zip", b"aaa")
+    assert object_store.stat("datasets/t1/a.zip").last_modified >= info.last_modified
+    object_store.delete("datasets/t1/a.zip")
+    assert object_store.stat("datasets/t1/a.zip") is None
+    assert sorted(i.key for i in object_store.list("datasets/")) == ["datasets/t2/b.zip"]
+
+
+def test_local_list_skips_writes_in_progress(tmp_path) -> None:
+    from store.objects import LocalObjectStore
+
+    store = LocalObjectStore(tmp_path / "objects")
+    store.put("datasets/t/a.zip", b"a")
+    (tmp_path / "objects" / "datasets" / "t" / ".tmp-partial").write_bytes(b"half")
+    assert [i.key for i in store.list("datasets/")] == ["datasets/t/a.zip"]
