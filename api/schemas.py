@@ -48,6 +48,7 @@ class TrainingState(BaseModel):
     status: str
     progress: float
     error: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict, description="The run's config (validated, defaults filled).")
 
 
 class TaskPublic(_Out):
@@ -57,7 +58,10 @@ class TaskPublic(_Out):
     status: str = Field(description="queued | running | ready | failed | cancelled")
     progress: float = Field(description="Fraction of the current run done, in [0, 1].")
     classes: list[str]
-    config: dict[str, Any]
+    config: dict[str, Any] = Field(
+        description="The served version's config (validated, defaults filled); before the first version, "
+        "the pending run's. A retrain's own config is under `training`."
+    )
     metrics: dict[str, Any] | None = Field(
         None, description="val_accuracy, train_seconds, n_train, n_val, ... once ready."
     )
@@ -93,6 +97,12 @@ def _strings(value: Any) -> list[str]:
     return [v if isinstance(v, str) else str(v) for v in value] if isinstance(value, list) else []
 
 
+def _served_config(task: Any) -> dict[str, Any]:
+    """The config of the served version (a retrain's own config is under ``training``)."""
+    config = task.served_config if hasattr(type(task), "served_config") else task.config
+    return config if isinstance(config, dict) else {}
+
+
 def task_public(task: Any) -> TaskPublic:
     """The task as the API shows it. Whatever is stored fits the model: JSON columns are read
     safe (``store.textinput.loads_stored``), and a value of the wrong shape shows as empty."""
@@ -103,6 +113,7 @@ def task_public(task: Any) -> TaskPublic:
         training = TrainingState(
             status=str(t.get("status")), progress=_fraction(t.get("progress")),
             error=err if isinstance(err, str) or err is None else str(err),
+            config=task.config if isinstance(task.config, dict) else {},
         )
     history = task.history if isinstance(task.history, list) and all(isinstance(h, dict) for h in task.history) else None
     confusion = task.confusion
@@ -117,7 +128,7 @@ def task_public(task: Any) -> TaskPublic:
         status=task.status,
         progress=_fraction(task.progress),
         classes=_strings(task.classes),
-        config=task.config if isinstance(task.config, dict) else {},
+        config=_served_config(task),
         metrics=task.metrics if isinstance(task.metrics, dict) else None,
         error=task.error,
         version=task.version,

@@ -132,6 +132,19 @@ class Task(Base):
 
     #: The dataset of the latest requested run (read-only; loaded on first access).
     dataset: Mapped[Dataset | None] = relationship(viewonly=True)
+    #: The version being served (read-only; loaded on first access, or with selectinload).
+    served_version: Mapped["PromptVersion | None"] = relationship(
+        viewonly=True,
+        primaryjoin="and_(PromptVersion.task_id == Task.id, PromptVersion.version == Task.version)",
+        uselist=False,
+    )
+
+    @property
+    def served_config(self) -> dict[str, Any]:
+        """The config of the version being served; while no version is, or for a version
+        published before versions recorded it, the config of the latest requested run."""
+        pv = self.served_version if self.version is not None else None
+        return dict(pv.config) if pv is not None and isinstance(pv.config, dict) else dict(self.config or {})
 
     @property
     def dataset_warnings(self) -> list[str]:
@@ -160,6 +173,8 @@ class PromptVersion(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(BigInteger)
     fingerprint: Mapped[str] = mapped_column(String(256))
+    #: The validated config of the run that published this version (None before 2026-12).
+    config: Mapped[dict[str, Any] | None]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 

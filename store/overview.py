@@ -166,6 +166,8 @@ class TaskDetail:
     tenant_name: str
     class_counts: dict[str, int] | None
     versions: list[PromptVersion]
+    #: The served version's config (``Task.served_config``); ``task.config`` is the latest run's.
+    served_config: dict[str, Any]
 
 
 def task_detail(s: Session, task_id: str) -> TaskDetail | None:
@@ -183,7 +185,9 @@ def task_detail(s: Session, task_id: str) -> TaskDetail | None:
     versions = list(
         s.scalars(select(PromptVersion).where(PromptVersion.task_id == task.id).order_by(PromptVersion.version))
     )
-    return TaskDetail(task=task, tenant_name=tenant_name, class_counts=counts, versions=versions)
+    return TaskDetail(
+        task=task, tenant_name=tenant_name, class_counts=counts, versions=versions, served_config=task.served_config
+    )
 
 
 def tenant_names(s: Session) -> list[tuple[str, str]]:

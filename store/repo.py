@@ -38,7 +38,7 @@ from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from store.db import utcnow
 from store.models import (
@@ -284,7 +284,10 @@ def list_tasks(s: Session, *, tenant_id: str) -> list[Task]:
     """The tenant's tasks, newest first."""
     return list(
         s.scalars(
-            select(Task).where(Task.tenant_id == tenant_id).order_by(Task.created_at.desc(), Task.id)
+            select(Task)
+            .where(Task.tenant_id == tenant_id)
+            .order_by(Task.created_at.desc(), Task.id)
+            .options(selectinload(Task.served_version))  # the served configs in one more query
         )
     )
 
@@ -755,6 +758,7 @@ def publish_version(
         sha256=sha256,
         size=size,
         fingerprint=fingerprint,
+        config=dict(task.config or {}),  # the run's own: no retrain can change it while it runs
     )
     s.add(pv)
     try:

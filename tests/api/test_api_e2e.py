@@ -184,6 +184,12 @@ def test_retrain_serves_old_version_until_new_one_then_cancel_and_retry(
     assert body["status"] == "ready" and body["version"] == 1 and body["training"]["status"] in ("queued", "running")
     running = api.wait(tenant, tid, lambda t: t["training"]["status"] == "running" and t["training"]["progress"] > 0)
     assert running["status"] == "ready" and running["version"] == 1
+    # the task shows the served version's config, classes and metrics; the run's under training
+    v1_config = task["config"]
+    for shown in (body, running, api.task(tenant, tid)):
+        assert shown["config"] == v1_config and shown["config"]["epochs"] == FAST["coop"]["epochs"]
+        assert shown["training"]["config"]["epochs"] == 10_000 and shown["training"]["config"]["n_ctx"] == 2, (shown["config"], shown["training"])
+    assert [t["config"] for t in api.client.get("/v1/tasks", headers=tenant).json()["items"]] == [v1_config]
     assert classify_version() == 1
     # A second retrain while one runs is refused.
     r = api.client.post(f"/v1/tasks/{tid}/retrain", headers=tenant)
@@ -201,6 +207,7 @@ def test_retrain_serves_old_version_until_new_one_then_cancel_and_retry(
     assert r.status_code == 202, r.text
     t = api.wait(tenant, tid, lambda t: t["version"] == 2)
     assert t["status"] == "ready" and t["training"]["status"] == "ready"
+    assert t["config"] == t["training"]["config"] and t["config"]["epochs"] == FAST["coop"]["epochs"]
     assert classify_version() == 2
     meta = safetensors_metadata(api.client.get(f"/v1/tasks/{tid}/prompt", headers=tenant).content)
     assert meta["version"] == "2"

@@ -295,3 +295,21 @@ def test_overview_with_a_broker_shows_its_queue_and_that_no_worker_answers(
     assert jobs["workers"] == [] and jobs["workers_note"] == "no worker answered the last ping"
     html = api.client.get("/admin", headers=ADMIN).text
     assert "Celery workers" in html and "no worker answered the last ping" in html
+
+
+def test_task_page_shows_the_served_config_and_the_retrain_runs_own(api_with_task: Any) -> None:
+    api, tenant, task_id = api_with_task
+    r = api.client.post(f"/v1/tasks/{task_id}/retrain", data={"config": '{"templates": "ensemble"}'}, headers=tenant)
+    assert r.status_code == 202, r.text
+    assert r.json()["config"]["templates"] == "single" and r.json()["training"]["config"]["templates"] == "ensemble"
+    html = api.client.get(f"/admin/tasks/{task_id}", headers=ADMIN).text
+    served = html.split('id="config"', 1)[1].split("</table>", 1)[0]
+    assert "<th>templates</th><td><code>single</code>" in served
+    if 'id="run-config"' in html:  # while the retrain has not published yet
+        run = html.split('id="run-config"', 1)[1].split("</table>", 1)[0]
+        assert "<th>templates</th><td><code>ensemble</code>" in run and "<th>seed</th>" not in run
+    t = api.wait(tenant, task_id, lambda t: t["version"] == 2)
+    assert t["config"]["templates"] == "ensemble"
+    html = api.client.get(f"/admin/tasks/{task_id}", headers=ADMIN).text
+    assert "<th>templates</th><td><code>ensemble</code>" in html.split('id="config"', 1)[1].split("</table>", 1)[0]
+    assert 'id="run-config"' not in html
