@@ -138,3 +138,32 @@ def require_admin(
         raise ApiError(401, "admin API disabled: no admin token is configured (PROMPTSTORE_ADMIN_TOKEN)", _AUTH_HEADERS)
     if not admin_attempt(state, request, lambda: hmac.compare_digest(creds.credentials.encode(), token.encode())):
         raise ApiError(401, "invalid admin token", _AUTH_HEADERS)
+
+
+def form_fields(route: str, *allowed: str, required: bool = True) -> Callable[[Request], object]:
+    """A dependency that refuses what a multipart route would otherwise drop without a word:
+    a body that is not a form (415, naming the fields), a field the route does not take (422,
+    e.g. ``method`` on a retrain, which cannot change it), and a text value where a file is
+    expected (``dataset``). ``required=False``: an empty body is fine (every field optional)."""
+    names = ", ".join(allowed)
+
+    async def check(request: Request) -> None:
+        from starlette.datastructures import UploadFile
+
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if not ctype and not required:
+            return
+        if ctype not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            raise ApiError(
+                415, f"{route} takes multipart/form-data (fields: {names}), not {ctype or 'an empty body'}; "
+                "e.g. curl -F name=... -F method=... -F dataset=@data.zip",
+            )
+        form = await request.form()  # parsed once: the route's Form/File parameters read the same
+        unknown = sorted({k for k in form.keys() if k not in allowed})
+        if unknown:
+            raise ApiError(422, f"{route} does not take the field(s) {', '.join(map(repr, unknown))}; it takes: {names}")
+        value = form.get("dataset")
+        if value is not None and not isinstance(value, UploadFile):
+            raise ApiError(422, "dataset must be a file part (a zip of class folders), e.g. -F dataset=@data.zip")
+
+    return check

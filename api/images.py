@@ -14,6 +14,8 @@ from typing import Any
 
 from PIL import Image
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from api.errors import ApiError
@@ -29,7 +31,12 @@ async def read_image_payloads(request: Request, max_images: int) -> list[bytes]:
     """The raw bytes of each image in the request, in order."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        form = await request.form(max_files=max_images + 1, max_fields=max_images + 16)
+        try:
+            form = await request.form(max_files=max_images, max_fields=max_images + 16)
+        except (MultiPartException, HTTPException) as exc:  # starlette wraps the parser's error in a 400
+            if str(getattr(exc, "detail", exc)).startswith("Too many files"):  # the same limit, said the same way
+                raise ApiError(413, f"more than {max_images} images in one request, over the limit of {max_images}") from None
+            raise
         try:
             parts = form.getlist("images")
             if not parts:

@@ -16,6 +16,8 @@ class _Out(BaseModel):
 
 
 class TenantCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is said, not dropped
+
     name: str = Field(min_length=1, max_length=200, description="Unique tenant name.")
 
 
@@ -49,6 +51,7 @@ class TrainingState(BaseModel):
     progress: float
     error: str | None = None
     config: dict[str, Any] = Field(default_factory=dict, description="The run's config (validated, defaults filled).")
+    dataset_id: str | None = Field(None, description="The run's dataset (null for zeroshot).")
 
 
 class TaskPublic(_Out):
@@ -114,6 +117,7 @@ def task_public(task: Any) -> TaskPublic:
             status=str(t.get("status")), progress=_fraction(t.get("progress")),
             error=err if isinstance(err, str) or err is None else str(err),
             config=task.config if isinstance(task.config, dict) else {},
+            dataset_id=task.dataset_id,
         )
     history = task.history if isinstance(task.history, list) and all(isinstance(h, dict) for h in task.history) else None
     confusion = task.confusion
@@ -135,7 +139,7 @@ def task_public(task: Any) -> TaskPublic:
         training=training,
         history=history,
         confusion=confusion,
-        dataset_id=task.dataset_id,
+        dataset_id=task.served_dataset_id if hasattr(type(task), "served_dataset_id") else task.dataset_id,
         warnings=_strings(getattr(task, "dataset_warnings", None)),
         created_at=task.created_at,
         updated_at=task.updated_at,

@@ -434,6 +434,7 @@ def _plan(zf: zipfile.ZipFile, data_len: int, limits: ArchiveLimits) -> tuple[Ar
     files: list[_File] = []
     dirs: list[list[str]] = []
     ignored = 0
+    hidden_dirs: dict[str, int] = {}  # a hidden folder holding files -> how many (said in warnings)
     declared = 0
     for index, info in enumerate(infos):
         decoded = _decoded_name(info)
@@ -448,6 +449,10 @@ def _plan(zf: zipfile.ZipFile, data_len: int, limits: ArchiveLimits) -> tuple[Ar
         parts = [_nfc(p) for p in raw_parts]
         if _is_junk(parts):
             ignored += 1
+            hidden = next((i for i, p in enumerate(parts[:-1]) if p.startswith(".")), None)
+            if hidden is not None and not _is_folder_entry(info, decoded):
+                key = "/".join(parts[: hidden + 1])
+                hidden_dirs[key] = hidden_dirs.get(key, 0) + 1
             # A folder that holds nothing but litter is an empty folder (reported as ignored).
             if len(parts) >= 2 and not _is_junk(parts[:1]):
                 dirs.append(parts[:-1])
@@ -550,7 +555,13 @@ def _plan(zf: zipfile.ZipFile, data_len: int, limits: ArchiveLimits) -> tuple[Ar
             f"class folder {shown} has no images; each class needs at least 1 image (add images or remove "
             f"the folder); {_found(files, dirs, ignored, wrapper)}"
         )
-    warnings: list[str] = []
+    # hidden folders are ignored like other litter, but one holding files may be a class the
+    # user meant (a folder named ".cats"): said, so that it is not dropped without a word
+    warnings: list[str] = [
+        f"ignored hidden folder '{_show(d)}/' ({n} file{'s' if n != 1 else ''}): names starting with '.' are "
+        "treated as hidden files; rename it to use it as a class"
+        for d, n in sorted(hidden_dirs.items())
+    ]
     manifest = ArchiveManifest(
         classes=list(folder_names),
         folders=folder_names,

@@ -147,6 +147,13 @@ class Task(Base):
         return dict(pv.config) if pv is not None and isinstance(pv.config, dict) else dict(self.config or {})
 
     @property
+    def served_dataset_id(self) -> str | None:
+        """The dataset of the version being served; as ``served_config``, the latest requested
+        run's while no version is or the version predates the record."""
+        pv = self.served_version if self.version is not None else None
+        return pv.dataset_id if pv is not None and pv.config is not None else self.dataset_id
+
+    @property
     def dataset_warnings(self) -> list[str]:
         """What the upload of this task's dataset ignored or dropped; [] without a dataset."""
         if self.dataset_id is None:
@@ -175,6 +182,9 @@ class PromptVersion(Base):
     fingerprint: Mapped[str] = mapped_column(String(256))
     #: The validated config of the run that published this version (None before 2026-12).
     config: Mapped[dict[str, Any] | None]
+    #: The dataset that run trained on (None for zeroshot and before 2026-12; no foreign key:
+    #: the dataset row may go once no task uses it, the id stays a record).
+    dataset_id: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 

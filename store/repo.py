@@ -759,6 +759,7 @@ def publish_version(
         size=size,
         fingerprint=fingerprint,
         config=dict(task.config or {}),  # the run's own: no retrain can change it while it runs
+        dataset_id=task.dataset_id,
     )
     s.add(pv)
     try:

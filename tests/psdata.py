@@ -48,8 +48,8 @@ def make_zip(
                 info.create_system = 3
                 info.external_attr = unix_modes[name] << 16
                 zf.writestr(info, data)
-            else:
-                zf.writestr(name, data)
+            else:  # a fixed time: the same entries make the same bytes (as a re-upload would)
+                zf.writestr(zipfile.ZipInfo(name, date_time=(2026, 1, 1, 0, 0, 0)), data, compress_type=compression)
     return buf.getvalue()
 
 

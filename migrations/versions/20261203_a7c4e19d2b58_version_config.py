@@ -1,8 +1,9 @@
-"""prompt versions record the config they were tuned with
+"""prompt versions record the config and the dataset they were tuned with
 
-``prompt_versions.config`` (nullable JSON): the validated config of the run that published
-the version, so a task shows the served version's config while a retrain with another config
-runs. Versions published before this revision have none (the task's config stands in).
+``prompt_versions.config`` (nullable JSON) and ``prompt_versions.dataset_id`` (nullable): the
+validated config and the dataset of the run that published the version, so a task shows the
+served version's while a retrain with others runs. Versions published before this revision
+have none (the task's own stand in).
 
 Revision ID: a7c4e19d2b58
 Revises: e5b2d9a41c07
@@ -26,9 +27,11 @@ def upgrade() -> None:
     """Upgrade schema."""
     with op.batch_alter_table('prompt_versions', schema=None) as batch_op:
         batch_op.add_column(sa.Column('config', sa.JSON(none_as_null=True), nullable=True))
+        batch_op.add_column(sa.Column('dataset_id', sa.String(length=32), nullable=True))
 
 
 def downgrade() -> None:
     """Downgrade schema."""
     with op.batch_alter_table('prompt_versions', schema=None) as batch_op:
+        batch_op.drop_column('dataset_id')
         batch_op.drop_column('config')

@@ -109,9 +109,10 @@ def test_concurrent_duplicates_create_one_task(api: Any) -> None:
         barrier = threading.Barrier(4)
         results: list[Any] = []
         data = {"name": f"c{round_}", "method": "coop", "config": json.dumps({"epochs": 1})}
+        zipped = dataset_zip()  # once: a zip's entries carry the time they were written
 
         def send() -> None:
-            files = {"dataset": ("d.zip", dataset_zip(), "application/zip")}
+            files = {"dataset": ("d.zip", zipped, "application/zip")}
             barrier.wait()
             results.append(post(api, headers, f"race-{round_}", data, files=files))
 

@@ -73,7 +73,8 @@ def test_every_accepted_format_and_both_encodings(ready_task: tuple[Api, dict[st
         ("files", [image_bytes(), _encoded("PNG")[:40]], 422, ("images[1]",)),
         ("files", [_encoded("TIFF")], 422, ("images[0]", "PNG, JPEG, WebP, BMP, GIF")),
         ("files", [_encoded("PNG", size=100)], 413, ("images[0]", "pixel limit", str(MAX_PIXELS))),
-        ("files", [image_bytes()] * (MAX_IMAGES + 1), 413, (f"{MAX_IMAGES + 1} images", f"limit of {MAX_IMAGES}")),
+        ("files", [image_bytes()] * (MAX_IMAGES + 1), 413, (f"more than {MAX_IMAGES} images", f"limit of {MAX_IMAGES}")),
+        ("files", [image_bytes()] * (MAX_IMAGES + 2), 413, (f"more than {MAX_IMAGES} images", f"limit of {MAX_IMAGES}")),
         ("files", [b""], 422, ("images[0] is empty",)),
         ("json", {"images": [b64(image_bytes()), "%%% not base64 %%%"]}, 422, ("images[1]", "base64")),
         ("json", {"images": [b64(image_bytes()), 42]}, 422, ("images[1] must be a base64 string",)),
@@ -85,7 +86,7 @@ def test_every_accepted_format_and_both_encodings(ready_task: tuple[Api, dict[st
         ("no-parts", None, 422, ("no images",)),
         ("top_k", 0, 422, ("top_k",)),
     ],
-    ids=["undecodable", "truncated", "tiff", "over-pixel-limit", "too-many-files", "empty-file", "bad-base64",
+    ids=["undecodable", "truncated", "tiff", "over-pixel-limit", "too-many-files", "far-too-many-files", "empty-file", "bad-base64",
          "not-a-string", "empty-list", "wrong-key", "too-many-json", "bad-json", "wrong-content-type",
          "multipart-without-images", "top-k-zero"],  # fmt: skip
 )

@@ -105,3 +105,44 @@ def test_library_lines_through_the_root_logger_carry_their_own_name() -> None:
     assert _OwnNames(logging.DEBUG).filter(debug) is True and debug.name == "open_clip.factory"
     own = logging.LogRecord("promptstore.api", logging.INFO, "/x/api/app.py", 1, "m", None, None)
     assert f.filter(own) is True and own.name == "promptstore.api"
+
+
+def test_create_and_retrain_say_what_they_do_not_take(settings_factory: Any, make_api: Any) -> None:
+    from psdata import dataset_zip
+
+    api: Api = make_api(settings_factory())
+    tenant = api.tenant()
+    # JSON instead of a form: said, with the fields the route takes
+    r = api.client.post("/v1/tasks", json={"name": "x", "method": "zeroshot", "classes": ["a", "b"]}, headers=tenant)
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"] and "name" in r.json()["detail"]
+    # a text field where the dataset file goes
+    r = api.client.post("/v1/tasks", data={"name": "x", "method": "coop", "dataset": "notafile"}, headers=tenant)
+    assert r.status_code == 422 and r.json()["detail"].startswith("dataset must be a file part"), r.text
+    r = api.client.post("/v1/tasks", data={"name": "x", "method": "zeroshot", "classes": '["a", "b"]', "colour": "red"},
+                        headers=tenant)
+    assert r.status_code == 422 and "'colour'" in r.json()["detail"], r.text
+    tid = api.create_task(tenant, "zeroshot", classes=["cat", "dog"]).json()["id"]
+    api.wait_ready(tenant, tid)
+    # a retrain cannot change the method or the classes, and zeroshot takes no dataset
+    for data, needle in (({"method": "vpt-deep"}, "'method'"), ({"classes": '["x", "y"]'}, "'classes'")):
+        r = api.client.post(f"/v1/tasks/{tid}/retrain", data=data, headers=tenant)
+        assert r.status_code == 422 and needle in r.json()["detail"] and "dataset, config" in r.json()["detail"], r.text
+    r = api.client.post(f"/v1/tasks/{tid}/retrain", files={"dataset": ("d.zip", dataset_zip(), "application/zip")},
+                        headers=tenant)
+    assert r.status_code == 422 and "not tuned on a dataset" in r.json()["detail"], r.text
+    assert api.task(tenant, tid)["version"] == 1 and api.client.post(f"/v1/tasks/{tid}/retrain", headers=tenant).status_code == 202
+    # the tenant body refuses a misspelt key
+    r = api.client.post("/v1/admin/tenants", json={"name": "t2", "admin": True}, headers=ADMIN)
+    assert r.status_code == 422 and "admin" in r.json()["detail"], r.text
+
+
+def test_config_values_of_the_wrong_type_are_refused_over_http(settings_factory: Any, make_api: Any) -> None:
+    api: Api = make_api(settings_factory())
+    tenant = api.tenant()
+    for config, key in (('{"class_specific": "yes"}', "class_specific"), ('{"epochs": "3"}', "epochs"),
+                        ('{"epochs": 2.0}', "epochs"), ('{"seed": 99999999999999999999999}', "seed")):
+        r = api.client.post("/v1/tasks", data={"name": "x", "method": "coop", "config": config},
+                            files={"dataset": ("d.zip", __import__("psdata").dataset_zip(), "application/zip")},
+                            headers=tenant)
+        assert r.status_code == 422 and f"config key '{key}'" in r.json()["detail"], (config, r.text)
+    assert api.client.get("/v1/tasks", headers=tenant).json()["count"] == 0

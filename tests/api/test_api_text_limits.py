@@ -39,6 +39,9 @@ def tenant(api: Api) -> dict[str, str]:
 
 
 def _stored_objects(api: Api) -> list[str]:
+    # other tests of this module's app may still be tuning: their prompts must not land between
+    # the two listings that are compared
+    assert api.state.dispatcher.wait_idle(120), "jobs of earlier tests did not finish"
     root = Path(api.state.settings.object_store_url[len("file://") :])
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
 

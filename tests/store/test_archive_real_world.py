@@ -268,3 +268,20 @@ def test_the_split_never_puts_an_image_in_both_train_and_validation():
         train, val = split_indices(torch.tensor(labels), len(classes), 0.5, seed)
         assert len(val) > 0
         assert not {digests[i] for i in train.tolist()} & {digests[i] for i in val.tolist()}
+
+
+def test_a_hidden_folder_holding_files_is_ignored_and_said() -> None:
+    entries: dict[str, bytes | None] = {
+        "a/1.png": picture(1), "b/1.png": picture(2), ".hidden/1.png": picture(3), ".hidden/2.png": picture(4),
+        ".git/config": b"[core]", "a/.thumbs/x.png": picture(5),
+    }  # fmt: skip
+    m = inspect_archive(make_zip(entries))
+    assert m.classes == ["a", "b"] and m.n_images == 2
+    assert m.warnings == [
+        "ignored hidden folder '.git/' (1 file): names starting with '.' are treated as hidden files; rename it to use it as a class",
+        "ignored hidden folder '.hidden/' (2 files): names starting with '.' are treated as hidden files; rename it to use it as a class",
+        "ignored hidden folder 'a/.thumbs/' (1 file): names starting with '.' are treated as hidden files; rename it to use it as a class",
+    ]
+    # macOS's own litter is not a folder anybody meant: no warning
+    m = inspect_archive(make_zip({"a/1.png": picture(1), "b/1.png": picture(2), "__MACOSX/a/._1.png": b"x"}))
+    assert m.warnings == []

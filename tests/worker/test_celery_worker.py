@@ -68,7 +68,8 @@ def test_worker_process_tunes_a_task_end_to_end(stack: tuple[Any, Process], api:
     assert ready["jobs"] == "celery", ready
     tenant = api.tenant()
     created = api.create_task(
-        tenant, "coop", dataset=dataset_zip(CLASSES, per_class=4), config={"epochs": 40, "n_ctx": 2, "batch_size": 4}
+        # long enough (about 2,000 steps) that the polls below see it mid-run on a loaded machine
+        tenant, "coop", dataset=dataset_zip(CLASSES, per_class=4), config={"epochs": 200, "n_ctx": 2, "batch_size": 1}
     ).json()
     tid = created["id"]
     assert created["status"] == "queued"
