@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from api.docs_ui import install_docs
 from api.errors import install_error_handlers
-from api.engine import Engine
+from api.engine import Engine, Inference
 from api.middleware import FORM_OVERHEAD_BYTES, BodyLimitMiddleware, HttpMetrics, MetricsMiddleware
 from api.ratelimit import RateLimiter
 from api.state import RequestCounter, ServiceState
@@ -33,13 +33,15 @@ def create_app(
     settings: Settings | None = None,
     *,
     dispatcher: CeleryDispatcher | ThreadDispatcher | None = None,
+    inference: Inference | None = None,
 ) -> FastAPI:
     """Build the app for ``settings`` (default: from the environment).
 
     With no broker configured, tuning jobs run in a thread pool of this process. The
     backbone starts loading in the background when the app starts; ``/readyz`` says when
     it is usable. Migrations are not applied here (``promptstore migrate``, or ``serve``
-    on the embedded database).
+    on the embedded database). ``inference`` replaces the engine built from the settings
+    (anything with the routes' interface, ``api.engine.Inference``).
     """
     settings = settings or get_settings()
     registry = CollectorRegistry()
@@ -56,7 +58,7 @@ def create_app(
         sessionmaker=sm,
         objects=objects,
         backbone=backbone,
-        inference=Engine(
+        inference=inference if inference is not None else Engine(
             backbone,
             objects,
             cache_bytes=settings.prompt_cache_bytes,

@@ -352,9 +352,9 @@ def tenant_create(name: str = typer.Argument(..., help="Unique tenant name.")) -
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
 )
 def bench_engine(ctx: typer.Context) -> None:
-    """The mixed-tenant forward benchmark (backbone.bench); options are passed through,
+    """The mixed-tenant forward benchmark (api.bench.engine); options are passed through,
     see `promptstore bench engine --help`."""
-    from backbone.bench import run_engine_bench
+    from api.bench.engine import run_engine_bench
 
     run_engine_bench(list(ctx.args))
 
@@ -388,7 +388,7 @@ def bench_serve(
     against the bare tower, the one-task forward, one request one forward and a naive
     reload-per-switch server. Prints a table and writes JSON."""
     setup_logging("text", logging.WARNING)
-    from api.bench_serve import run_serve_bench
+    from api.bench.serve import run_serve_bench
 
     run_serve_bench(
         out, backbone=backbone, device=device, tasks=tasks, tenants=tenants, clients=clients, seconds=seconds,
@@ -410,7 +410,7 @@ def bench_dashboard(
     """Server render time of each admin page with a full index (target: under 300 ms).
     Prints a table and writes JSON."""
     setup_logging("text", logging.WARNING)
-    from api.admin.bench import run_dashboard_bench
+    from api.bench.dashboard import run_dashboard_bench
 
     run_dashboard_bench(
         out, tasks=tasks, tenants=tenants, epochs=epochs, classes=classes, repeat=repeat, database_url=database_url

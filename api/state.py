@@ -16,7 +16,7 @@ from store.objects import ObjectStore
 from worker.runtime import BackboneHolder
 
 if TYPE_CHECKING:
-    from api.engine import Engine
+    from api.engine import Inference
     from api.ratelimit import RateLimiter
     from store.settings import Settings
     from worker.dispatch import CeleryDispatcher, ThreadDispatcher
@@ -83,7 +83,7 @@ class ServiceState:
     sessionmaker: sessionmaker[Session]
     objects: ObjectStore
     backbone: BackboneHolder
-    inference: "Engine"  # the cross-tenant inference engine (api.engine)
+    inference: "Inference"  # the cross-tenant inference engine (api.engine.Engine)
     dispatcher: "CeleryDispatcher | ThreadDispatcher"
     registry: CollectorRegistry
     http_metrics: HttpMetrics

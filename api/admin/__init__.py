@@ -9,8 +9,8 @@ Pages (HTML; 401 with the login form in their place without the token):
 ``/admin/api/tasks?ids=a,b``. Static: ``/admin/static/admin.css|admin.js``.
 
 Auth: ``api.admin.auth``; queries: ``store.overview``; numbers of the serving side:
-``api.admin.panels``; pictures: ``api.admin.charts``; benchmark: ``api.admin.bench``
-(``promptstore bench dashboard``).
+``api.admin.panels``; pictures: ``api.admin.charts``; its benchmark, ``promptstore bench
+dashboard``, is ``api.bench.dashboard``.
 """
 
 from api.admin.views import router

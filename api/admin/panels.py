@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from api.engine import EngineStats, Inference
 from api.state import ServiceState
 from worker.runtime import BackboneNotReady
 
@@ -42,39 +43,26 @@ def backbone_info(state: ServiceState) -> dict[str, Any]:
     }
 
 
-def _first(obj: Any, *names: str) -> Any:
-    for name in names:
-        value = getattr(obj, name, None)
-        if value is not None and not callable(value):
-            return value
-    return None
-
-
-def cache_info(inference: Any) -> dict[str, Any]:
-    """Prompt cache size and hit rate, from the engine's ``stats()`` dict when it has one
-    (``cache_entries``, ``cache_bytes``, ``cache_budget_bytes``, ``cache_hit_rate``, ...),
-    else from attributes. What the engine does not report is None (shown as such)."""
-    stats: dict[str, Any] = {}
-    fn = getattr(inference, "stats", None)
-    if callable(fn):
-        try:
-            got = fn()
-            stats = dict(got) if isinstance(got, dict) else {}
-        except Exception as exc:  # an engine bug must not take the dashboard down
-            log.warning("admin: %s.stats() failed: %s", type(inference).__name__, exc)
-    if stats:
-        resident, capacity = stats.get("cache_bytes"), stats.get("cache_budget_bytes")
-    else:  # an engine without stats(): resident_bytes and its budget as attributes
-        resident, capacity = _first(inference, "resident_bytes"), _first(inference, "cache_bytes")
-    rate = stats.get("cache_hit_rate")
+def cache_info(inference: Inference) -> dict[str, Any]:
+    """Prompt cache size and hit rate, queue and throughput, from the engine's ``stats()``
+    (``api.engine.EngineStats``); all None (shown as such) when it fails."""
+    stats: EngineStats | None = None
+    try:
+        stats = inference.stats()
+    except Exception as exc:  # an engine bug must not take the dashboard down
+        log.warning("admin: %s.stats() failed: %s", type(inference).__name__, exc)
+    if stats is None:
+        return dict.fromkeys(
+            ("prompts", "resident_bytes", "capacity_bytes", "hit_rate", "queued_images", "images_per_second", "batches")
+        )
     return {
-        "prompts": stats.get("cache_entries"),
-        "resident_bytes": resident,
-        "capacity_bytes": capacity,
-        "hit_rate": rate,
-        "queued_images": stats.get("queue_images"),
-        "images_per_second": stats.get("images_per_second"),
-        "batches": stats.get("batches"),
+        "prompts": stats["cache_entries"],
+        "resident_bytes": stats["cache_bytes"],
+        "capacity_bytes": stats["cache_budget_bytes"],
+        "hit_rate": stats["cache_hit_rate"],
+        "queued_images": stats["queue_images"],
+        "images_per_second": stats["images_per_second"],
+        "batches": stats["batches"],
     }
 
 

@@ -9,7 +9,7 @@ import json
 
 from procs import run_cli, settings_env
 
-from backbone.bench import METHOD_CONFIGS
+from api.bench.engine import METHOD_CONFIGS
 
 
 def test_bench_engine_cli_writes_table_and_json(tmp_path):

@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
+from api.bench.seeding import random_prompt
 from backbone import ConfigError, PromptFormatError, describe_config, load_prompt, method_names, tune, validate_config
 from backbone.errors import DivergedError, NonFinitePrompt
 from backbone.methods import get_method
 from backbone.methods.registry import float_bounds
-from backbone.tuning import random_prompt
 
 
 def _float_fields() -> list[tuple[str, str]]:

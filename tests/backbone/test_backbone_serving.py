@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from api.bench.seeding import random_module, random_prompt
 from backbone import PromptMismatch, forward_mixed
-from backbone.serving import resident_from_module
-from backbone.tuning import prompt_of, random_module, random_prompt
+from backbone.serving import prepare_resident, resident_from_module
+from backbone.tuning import prompt_of
 
 # 12 tasks, all 7 methods; VPT with lengths 0, 3 (shallow and deep: one group), 5
 TASKS = [
@@ -29,7 +30,7 @@ TASKS = [
 def _resident(bb, method, config, n_classes, seed):
     classes = [f"thing_{seed}_{i}" for i in range(n_classes)]
     # init plus noise on every learned tensor, so that tasks really differ
-    return bb.prepare(random_prompt(bb, method, classes, config, seed=seed))
+    return prepare_resident(bb, random_prompt(bb, method, classes, config, seed=seed))
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,7 @@ def test_residents_of_another_backbone_are_refused(tiny, tiny_other):
 def test_resident_from_module_serves_like_a_loaded_prompt(tiny, tiny_other, method):
     module = random_module(tiny, method, ["a", "b", "c"], {}, seed=3)
     prompt = prompt_of(tiny, method, module)
-    loaded = tiny.prepare(prompt)
+    loaded = prepare_resident(tiny, prompt)
     direct = resident_from_module(tiny, prompt, module)  # no rebuild, no state-dict round trip
     assert direct.nbytes == loaded.nbytes
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))

@@ -11,7 +11,8 @@ import pytest
 from apiclient import ADMIN, TEST_ADMIN_TOKEN, _one_torch_thread, make_api
 
 from api.app import create_app
-from api.bench_serve import SeededTask, ServerThread, seed_tasks
+from api.bench.harness import ServerThread
+from api.bench.seeding import SeededTask, seed_tasks
 from worker import runtime
 
 __all__ = ["ADMIN", "TEST_ADMIN_TOKEN", "_one_torch_thread", "make_api", "serve", "seed"]

@@ -60,7 +60,7 @@ def test_bench_serve_runs_and_writes_json(tmp_path: Path, test_output_dir: Path)
 
 
 def test_steady_state_skips_the_fill_and_the_batches_after_the_window() -> None:
-    from api.bench_serve import steady_state
+    from api.bench.serve import steady_state
 
     # (end time, images) of each batch: a small first batch, then full ones; one ends after the window
     log = [(1.0, 2), (2.0, 16), (3.0, 16), (4.0, 16), (5.0, 16), (9.0, 16)]

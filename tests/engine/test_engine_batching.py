@@ -25,11 +25,11 @@ def test_mixed_batch_equals_one_request_at_a_time(settings_factory: Any, serve: 
     # Every request of every task lands in ONE forward: the batch closes when its
     # 2 * len(methods) images are in (long before max_wait).
     batched = serve(batched_settings)
-    b0 = batched.engine.batches
+    b0 = batched.engine.totals().batches
     together = asyncio.run(_concurrent(batched.url, calls))
     assert [r.status_code for r in together] == [200] * len(calls), [r.text for r in together]
-    assert batched.engine.batches - b0 == 1
-    assert batched.engine.rows == 2 * len(methods)
+    assert batched.engine.totals().batches - b0 == 1
+    assert batched.engine.totals().images == 2 * len(methods)
 
     # The same requests one at a time, on a replica of the same store that never batches.
     single = serve(batched_settings.model_copy(update={"max_batch": 1, "max_wait_ms": 0}))
@@ -42,7 +42,7 @@ def test_mixed_batch_equals_one_request_at_a_time(settings_factory: Any, serve: 
         for j, img in enumerate(images):
             one = _post(single.url, task, [img])
             _assert_same([r.json()["predictions"][j]], one.json()["predictions"])
-    assert single.engine.batches == single.engine.rows  # batch size 1 throughout
+    assert single.engine.totals().batches == single.engine.totals().images  # batch size 1 throughout
 
     metrics = httpx.get(f"{batched.url}/metrics").text
     assert _metric(metrics, "promptstore_engine_batch_size_count") == 1
@@ -65,7 +65,7 @@ def test_request_larger_than_a_batch_is_split_in_order(settings_factory: Any, se
     images = [image_bytes(i % 4, seed=i) for i in range(8)]
     r = _post(app.url, task, images, top_k=2)
     assert r.status_code == 200, r.text
-    assert app.engine.batches >= 3  # 8 images in batches of at most 3
+    assert app.engine.totals().batches >= 3  # 8 images in batches of at most 3
     preds = r.json()["predictions"]
     assert len(preds) == 8 and all(len(p) == 2 for p in preds)
     for img, p in zip(images, preds):

@@ -16,7 +16,7 @@ from PIL import Image
 from psdata import dataset_zip, image_bytes
 
 from api.engine import ServingRef, StaleVersion
-from backbone import load_prompt
+from backbone import load_prompt, prepare_resident
 from worker import runtime
 
 
@@ -29,7 +29,7 @@ def _resident_nbytes(settings: Any, task_id: str) -> int:
     with session_scope(runtime.get_sessionmaker(settings.database_url)) as s:
         task = repo.get_task_for_job(s, task_id)
         key = repo.get_served_version(s, task_id, tenant_id=task.tenant_id).object_key  # type: ignore[union-attr]
-    return bb.prepare(load_prompt(runtime.get_object_store(settings).get(key), bb)).nbytes
+    return prepare_resident(bb, load_prompt(runtime.get_object_store(settings).get(key), bb)).nbytes
 
 
 def test_cache_never_exceeds_its_byte_budget(settings_factory: Any, serve: Any, seed: Any) -> None:
@@ -94,7 +94,7 @@ def _expected(api: Any, headers: dict[str, str], task_id: str, img: bytes) -> tu
     r = api.client.get(f"/v1/tasks/{task_id}/prompt", headers=headers)
     assert r.status_code == 200
     bb = api.state.backbone.get()
-    resident = bb.prepare(load_prompt(r.content, bb))
+    resident = prepare_resident(bb, load_prompt(r.content, bb))
     x = bb.preprocess(Image.open(io.BytesIO(img)).convert("RGB")).unsqueeze(0)
     probs = torch.softmax(resident.forward(x)[0], dim=-1)
     order = torch.argsort(probs, descending=True).tolist()

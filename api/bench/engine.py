@@ -1,7 +1,7 @@
 """``promptstore bench engine``: what serving many tenants in one batch costs.
 
 Builds ``--tasks`` tasks of mixed methods on one backbone (each prompt is its method's
-own initialisation plus noise, see ``tuning.random_prompt``: timing does not depend on
+own initialisation plus noise, see ``api.bench.seeding.random_module``: timing does not depend on
 how well a prompt was tuned), then times, on the same images, interleaved round by round:
 
   mixed      ``forward_mixed`` with every image owned by a random task of the pool
@@ -20,15 +20,13 @@ task keeps on the device (learned tensors, derived class-text features, serving 
 
     promptstore bench engine                        # ViT-B-32 random, 100 tasks, CPU-friendly
     promptstore bench engine --device cuda --batch 256 --iters 20
-    python -m backbone.bench --backbone open_clip:tiny:random --tasks 8 --iters 1
+    python -m api.bench.engine --backbone open_clip:tiny:random --tasks 8 --iters 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -37,6 +35,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from api.bench.harness import machine_info
 
 DEFAULT_BACKBONE = "open_clip:ViT-B-32:random"
 DEFAULT_OUT = "bench-results/engine.json"
@@ -87,28 +87,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def machine_info(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "device": str(device),
-        "device_name": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    try:
-        import open_clip
-
-        info["open_clip"] = open_clip.__version__
-    except ImportError:  # pragma: no cover - open_clip is a dependency
-        pass
-    return info
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -125,8 +103,9 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
 
 def build_pool(bb, methods: list[str], n_tasks: int, n_classes: int, seed: int) -> list:
     """``n_tasks`` resident prompts, methods assigned round-robin."""
-    from .serving import resident_from_module
-    from .tuning import prompt_of, random_module
+    from api.bench.seeding import random_module
+    from backbone.serving import resident_from_module
+    from backbone.tuning import prompt_of
 
     pool = []
     for t in range(n_tasks):
@@ -138,7 +117,7 @@ def build_pool(bb, methods: list[str], n_tasks: int, n_classes: int, seed: int) 
 
 
 def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    from . import forward_mixed, load_backbone
+    from backbone import forward_mixed, load_backbone
 
     if args.threads:
         torch.set_num_threads(args.threads)
