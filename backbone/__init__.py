@@ -4,7 +4,7 @@ it without touching its weights. Tensors only: no web, database or queue imports
     bb = load_backbone("open_clip:tiny:random")
     result = tune(bb, "coop", classes, images, labels, {"epochs": 5})
     data = result.prompt.to_bytes()
-    resident = bb.prepare(load_prompt(data, bb))
+    resident = prepare_resident(bb, load_prompt(data, bb))
     logits = forward_mixed(bb, [resident], images, torch.zeros(len(images), dtype=torch.long))
 """
 
@@ -12,7 +12,7 @@ from .artifacts import FORMAT_VERSION, TrainedPrompt, load_prompt, read_prompt_m
 from .errors import BackboneError, Cancelled, ConfigError, PromptFormatError, PromptMismatch
 from .loading import Backbone, load_backbone, parse_spec
 from .methods import describe_config, method_names, validate_config
-from .serving import ResidentPrompt, forward_mixed
+from .serving import ResidentPrompt, forward_mixed, prepare_resident
 from .tuning import Progress, TuneResult, tune
 
 __all__ = [
@@ -36,4 +36,5 @@ __all__ = [
     "FORMAT_VERSION",
     "ResidentPrompt",
     "forward_mixed",
+    "prepare_resident",
 ]

@@ -29,8 +29,6 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
-    from .artifacts import TrainedPrompt
-    from .serving import ResidentPrompt
 
 log = logging.getLogger(__name__)
 
@@ -277,13 +275,6 @@ class Backbone:
         if scale is None:
             return torch.tensor(100.0, device=self.device)
         return scale.detach().float().exp().reshape(())
-
-    # ---- serving
-
-    def prepare(self, prompt: "TrainedPrompt") -> "ResidentPrompt":
-        from .serving import prepare_resident
-
-        return prepare_resident(self, prompt)
 
 
 class TextTokens:

@@ -1,15 +1,19 @@
 """Serving many tenants on one backbone: resident prompts and the mixed-batch forward.
 
-``forward_mixed`` classifies a batch whose images belong to different tasks:
-  1. every image whose method leaves the tokens alone (zeroshot, coop, cocoop,
-     linear-probe, padding, VPT with 0 tokens) goes through ONE image-tower pass;
-     padding images get their own task's frame added first;
-  2. VPT images are grouped by prompt length N; each group is ONE pass with every
+``forward_mixed`` classifies a batch whose images belong to different tasks. It knows
+no method: it routes rows by each module's declared ``image_pass()`` (``ImagePass``) and
+applies heads through each module class's ``batched_heads`` hook.
+  1. every "plain" or "pixels" image goes through ONE image-tower pass; "pixels" images
+     get their own task's additive pixel prompt (``pixel_prompt``) added first;
+  2. "tokens" images are grouped by prompt length N; each group is ONE pass with every
      image's prompts gathered into its token sequence (shallow and deep mixed: deep
      rows get their layer prompts written before each later block);
-  3. per-task heads run on each task's rows; CoCoOp's per-image text prompts of all
-     CoCoOp images in the batch go through the text tower in ONE call.
+  3. tasks are grouped by their class's ``batched_heads`` hook, and each group's rows go
+     through one call of it (CoCoOp batches all its images' text passes there).
 Each image's logits equal a forward of its task alone (``ResidentPrompt.forward``).
+
+The prompt's backbone fingerprint is checked once, where its bytes are loaded
+(``artifacts.load_prompt``); a ``TrainedPrompt`` in memory is trusted.
 """
 
 from __future__ import annotations
@@ -18,14 +22,13 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .artifacts import TrainedPrompt
 from .errors import PromptFormatError, PromptMismatch
 from .methods import get_method, parse_config
-from .methods.base import PromptModule
-from .methods.cocoop import CoCoOpModule
+from .methods.base import ImagePass, PromptModule
 from .towers import ImageFeatures, TokenPrompts
+from .tuning import build_module
 
 if TYPE_CHECKING:
     from .loading import Backbone
@@ -40,17 +43,21 @@ class ResidentPrompt:
         self.module = module
         self.method = prompt.method
         self.classes = list(prompt.classes)
-        self.image_path = module.image_path
-        self.n_tokens = module.n_tokens
-        self.deep = module.deep
-        frame = module.pixel_frame()
-        self.frame = None if frame is None else frame.detach().to(backbone.dtype)  # (1, 3, S, S)
-        if self.n_tokens:
-            p = module.layer_prompts().detach().to(backbone.dtype)  # (layers, N, D)
-            self.first = p[0]  # (N, D)
-            self.deep_prompts = p[1:] if self.deep else None  # (depth-1, N, D)
-        else:
-            self.first = self.deep_prompts = None
+        self.image_pass: ImagePass = module.image_pass()
+        self.n_tokens = self.image_pass.n_tokens
+        self.deep = self.image_pass.deep
+        self.frame = self.first = self.deep_prompts = None
+        if self.image_pass.kind == "pixels":
+            frame = module.pixel_prompt(1)
+            if frame is None or frame.shape[0] != 1:
+                raise PromptFormatError(f"method {self.method} served no single (1, 3, S, S) pixel prompt")
+            self.frame = frame.detach().to(backbone.dtype)  # (1, 3, S, S)
+        elif self.image_pass.kind == "tokens":
+            tp = module.token_prompts(1)
+            if tp is None or tp.n_tokens != self.n_tokens or (tp.deep is not None) != self.deep:
+                raise PromptFormatError(f"method {self.method}'s token prompts do not match its image pass")
+            self.first = tp.first[0].detach().to(backbone.dtype)  # (N, D)
+            self.deep_prompts = tp.deep[0].detach().to(backbone.dtype) if self.deep else None  # (depth-1, N, D)
         derived = [t for t in (self.frame, self.first, self.deep_prompts) if t is not None]
         self.nbytes = _storage_bytes([*module.resident_tensors(), *derived])  # device bytes held by this task
 
@@ -64,14 +71,8 @@ class ResidentPrompt:
 
 
 def prepare_resident(backbone: "Backbone", prompt: TrainedPrompt) -> ResidentPrompt:
-    """Build the method's module from the prompt's config and tensors on ``backbone``."""
-    from .tuning import build_module
-
-    if prompt.fingerprint != backbone.fingerprint:
-        raise PromptMismatch(
-            f"prompt was trained on backbone {prompt.fingerprint} but this backbone is {backbone.fingerprint}; "
-            "retrain the task on this backbone"
-        )
+    """Build the method's module from the prompt's config and tensors on ``backbone``. The prompt's
+    fingerprint was checked where it was loaded (``load_prompt``)."""
     spec = get_method(prompt.method)
     cfg = parse_config(prompt.method, prompt.config)
     with torch.random.fork_rng(devices=[backbone.device] if backbone.device.type == "cuda" else []):
@@ -86,11 +87,8 @@ def prepare_resident(backbone: "Backbone", prompt: TrainedPrompt) -> ResidentPro
 def resident_from_module(backbone: "Backbone", prompt: TrainedPrompt, module: PromptModule) -> ResidentPrompt:
     """Serve ``module`` (already holding ``prompt``'s tensors, e.g. just tuned) without rebuilding it.
     The module is frozen and stripped for serving in place."""
-    if prompt.fingerprint != backbone.fingerprint or module.bb is not backbone:
-        raise PromptMismatch(
-            f"prompt was trained on backbone {prompt.fingerprint} but this backbone is {backbone.fingerprint}; "
-            "retrain the task on this backbone"
-        )
+    if module.bb is not backbone:
+        raise PromptMismatch(f"the {prompt.method} module was built on another backbone object than {backbone.fingerprint}")
     module.eval()
     module.requires_grad_(False)
     module.prepare_serving()
@@ -123,11 +121,11 @@ def forward_mixed(
     dev, dtype = backbone.device, backbone.dtype
     images = images.to(dev, dtype)
 
-    # ---- 1/2: route rows to image-tower passes
+    # ---- 1/2: route rows to image-tower passes by their declared image pass
     plain: list[int] = []
     by_len: dict[int, list[int]] = defaultdict(list)
     for i, r in enumerate(owners):
-        n = residents[r].n_tokens
+        n = residents[r].image_pass.n_tokens
         (by_len[n] if n else plain).append(i)
 
     pooled = embeds = None
@@ -170,26 +168,18 @@ def forward_mixed(
     perm = torch.tensor([i for r in tasks for i in rows_of[r]], device=dev)  # (B,) rows grouped by task
     embeds, pooled = embeds[perm], pooled[perm]  # (B, E), (B, W) in task order
     logits: dict[int, torch.Tensor] = {}  # task -> (b_r, C_r) on device
-    cocoop: list[tuple[int, CoCoOpModule, torch.Tensor]] = []
+    by_hook: dict[object, list[tuple[int, ImageFeatures]]] = defaultdict(list)
     start = 0
     for r in tasks:
         n = len(rows_of[r])
         feats = ImageFeatures(pooled=pooled[start:start + n], embeds=embeds[start:start + n])
         start += n
-        module = residents[r].module
-        if isinstance(module, CoCoOpModule):
-            cocoop.append((r, module, feats.embeds))
-        else:
-            logits[r] = module.head(feats)
-    if cocoop:  # every CoCoOp image's per-class prompts through the text tower in one call
-        inputs = [m.text_inputs(e) for _, m, e in cocoop]  # [(b_r*C_r, L_r, Dt), (b_r*C_r,)]
-        length = max(x.shape[1] for x, _ in inputs)  # zero-pad after every EOT to one length
-        x_all = torch.cat([F.pad(x, (0, 0, 0, length - x.shape[1])) for x, _ in inputs])  # (T, L, Dt)
-        text = backbone.text.encode_embedded(x_all, torch.cat([e for _, e in inputs]))
-        start = 0
-        for (r, m, e), (x, _) in zip(cocoop, inputs):
-            logits[r] = m.logits_from_text(e, text[start:start + x.shape[0]])  # (b_r, C_r)
-            start += x.shape[0]
+        by_hook[_head_hook(residents[r].module)].append((r, feats))
+    for group in by_hook.values():
+        module_cls = type(residents[group[0][0]].module)
+        out_group = module_cls.batched_heads(backbone, [(residents[r].module, f) for r, f in group])
+        for (r, _), lg in zip(group, out_group):
+            logits[r] = lg
     flat = torch.cat([logits[r].float().reshape(-1) for r in tasks]).cpu()
     out: list[torch.Tensor | None] = [None] * b
     start = 0
@@ -200,6 +190,12 @@ def forward_mixed(
         for j, i in enumerate(rows_of[r]):
             out[i] = block[j]
     return out  # type: ignore[return-value]
+
+
+def _head_hook(module: PromptModule) -> object:
+    """The function behind a module class's ``batched_heads`` (classes sharing it share one call)."""
+    hook = type(module).batched_heads
+    return getattr(hook, "__func__", hook)
 
 
 def _storage_bytes(tensors: Sequence[torch.Tensor]) -> int:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .artifacts import TrainedPrompt
 from .errors import Cancelled, ConfigError, DivergedError
-from .methods import MethodSpec, get_method, parse_config
+from .methods import MethodSpec, Trainer, get_method, parse_config
 from .methods.base import MethodConfig, PromptModule, TrainConfig, check_text_prompts
 from .towers import ImageFeatures
 
@@ -59,25 +59,6 @@ def build_module(
     return module.to(backbone.device)
 
 
-def random_module(
-    backbone: "Backbone", method: str, classes: list[str], config: dict | None = None, *, seed: int = 0,
-    scale: float = 0.05,
-) -> PromptModule:
-    """A module as tuning would leave it, without tuning: the method's own initialisation
-    (seeded) plus N(0, scale^2) noise on every learned tensor, so that tasks really differ.
-    For benchmarks and tests of serving; the caller's RNG state is left untouched."""
-    spec = get_method(method)
-    cfg = parse_config(method, {**(config or {}), "seed": seed})
-    devices = [backbone.device] if backbone.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        module = build_module(backbone, spec, classes, cfg)
-        with torch.no_grad():
-            for p in module.parameters():
-                p.add_(scale * torch.randn_like(p))
-    return module
-
-
 def prompt_of(backbone: "Backbone", method: str, module: PromptModule, metrics: dict | None = None) -> TrainedPrompt:
     """The saveable prompt of ``module`` (its state dict on the CPU)."""
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
@@ -85,14 +66,6 @@ def prompt_of(backbone: "Backbone", method: str, module: PromptModule, metrics: 
         method, module.config.model_dump(mode="json"), list(module.classes), backbone.fingerprint, tensors,
         metrics=dict(metrics or {}),
     )
-
-
-def random_prompt(
-    backbone: "Backbone", method: str, classes: list[str], config: dict | None = None, *, seed: int = 0,
-    scale: float = 0.05,
-) -> TrainedPrompt:
-    """``random_module`` as a saveable prompt."""
-    return prompt_of(backbone, get_method(method).name, random_module(backbone, method, classes, config, seed=seed, scale=scale))
 
 
 def split_indices(labels: torch.Tensor, n_classes: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,10 +87,10 @@ def _check_data(backbone: "Backbone", spec: MethodSpec, classes: list[str], imag
         raise ConfigError("classes must be a list of non-empty strings")
     if len(set(classes)) != len(classes):
         raise ConfigError("class names must be unique")
-    min_classes = 1 if spec.trainer == "none" else 2
+    min_classes = 1 if spec.trainer is Trainer.NONE else 2
     if len(classes) < min_classes:
         raise ConfigError(f"method {spec.name} needs at least {min_classes} classes, got {len(classes)}")
-    if spec.trainer == "none" and images is None:
+    if not spec.needs_dataset and images is None:
         return
     if images is None or labels is None:
         raise ConfigError(f"method {spec.name} needs images and labels")
@@ -131,7 +104,7 @@ def _check_data(backbone: "Backbone", spec: MethodSpec, classes: list[str], imag
     if labels.min() < 0 or labels.max() >= len(classes):
         raise ConfigError(f"labels must lie in [0, {len(classes)})")
     counts = torch.bincount(labels, minlength=len(classes))
-    if spec.trainer != "none" and (counts == 0).any():
+    if spec.trainer is not Trainer.NONE and (counts == 0).any():
         empty = [classes[i] for i in (counts == 0).nonzero(as_tuple=True)[0].tolist()]
         raise ConfigError(f"classes without images: {empty}; each class needs at least 1")
 
@@ -252,7 +225,7 @@ class _Run:
         self.confusion = _confusion(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), n_cls)
         if labels is None:
             self.train_idx = self.val_idx = torch.empty(0, dtype=torch.long)
-        elif spec.trainer == "none":  # nothing to train: every image evaluates
+        elif spec.trainer is Trainer.NONE:  # nothing to train: every image evaluates
             self.train_idx, self.val_idx = torch.empty(0, dtype=torch.long), torch.arange(len(labels))
         else:
             self.train_idx, self.val_idx = split_indices(labels, n_cls, cfg.val_fraction, cfg.seed)
@@ -261,7 +234,7 @@ class _Run:
             shots = int(torch.bincount(labels[self.train_idx], minlength=n_cls).median())
         self.epochs = cfg.schedule_epochs(shots)
         self.cache = None
-        if images is not None and module.image_path == "features":
+        if images is not None and module.cache_features:
             self.cache = encode_cached(bb, images)  # (N, E) computed once
 
     def _cancel_check(self) -> None:
@@ -288,7 +261,7 @@ class _Run:
 
     def execute(self) -> None:
         self._cancel_check()
-        getattr(self, f"_train_{self.spec.trainer}")()
+        _TRAINERS[self.spec.trainer](self)
         self._finish()
 
     def _diverged(self, what: str, epoch: int, step: int, total: int, lr: float, warmup: int) -> DivergedError:
@@ -367,6 +340,12 @@ class _Run:
             if epoch < self.epochs:
                 self._report(epoch, entry["loss"], val_acc)
 
+    @torch.no_grad()
+    def _val_loss(self, x_all: torch.Tensor, y_all: torch.Tensor) -> float:
+        """Mean cross-entropy of the linear probe on the validation split (x normalised)."""
+        idx = self.val_idx.to(x_all.device)
+        return float(F.cross_entropy(self.module.linear(x_all[idx]).float(), y_all[idx]))  # type: ignore[attr-defined]
+
     def _train_lbfgs(self) -> None:
         from .methods.linear_probe import LinearProbeConfig, LinearProbeModule
 
@@ -379,7 +358,7 @@ class _Run:
         has_val = len(self.val_idx) > 0
         grid = cfg.l2_grid if has_val else [cfg.l2_without_val]
         self.epochs = len(grid)
-        best: tuple[float, float, dict[str, torch.Tensor]] | None = None
+        best: tuple[tuple[float, float], float, dict[str, torch.Tensor]] | None = None
         for i, l2 in enumerate(grid, start=1):
             self._cancel_check()
             loss = module.fit(x_tr, y_tr, l2, cfg.max_iter)
@@ -391,8 +370,11 @@ class _Run:
                     "strength is probably too weak for a stable fit; use larger l2_grid values (or l2_without_val)"
                 )
             _, val_acc = self._evaluate(self.val_idx)
-            self.history.append({"epoch": i, "loss": loss, "val_accuracy": val_acc, "l2": l2})
-            score = val_acc if val_acc is not None else 0.0
+            val_loss = self._val_loss(x_all, y_all) if has_val else None
+            self.history.append({"epoch": i, "loss": loss, "val_accuracy": val_acc, "val_loss": val_loss, "l2": l2})
+            # best validation accuracy; ties (frequent on a few validation images) go to the lower
+            # validation cross-entropy, so an over-regularised, near-uniform fit does not win them
+            score = (val_acc if val_acc is not None else 0.0, -(val_loss if val_loss is not None else 0.0))
             if best is None or score > best[0]:
                 best = (score, l2, {k: v.clone() for k, v in module.state_dict().items()})
             if i < len(grid):
@@ -400,3 +382,10 @@ class _Run:
         assert best is not None
         module.load_state_dict(best[2])
         self.extra_metrics["l2"] = best[1]
+
+
+_TRAINERS: dict[Trainer, Callable[[_Run], None]] = {
+    Trainer.NONE: _Run._train_none,
+    Trainer.SGD: _Run._train_sgd,
+    Trainer.LBFGS: _Run._train_lbfgs,
+}

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.deps import CurrentTenant, DbSession, current_tenant, get_state, job_submitter
+from api.deps import CurrentTenant, DbSession, current_tenant, form_fields, get_state, job_submitter
 from api.errors import ApiError
 from api.schemas import ErrorOut, TaskList, TaskPublic, task_public
 from api.state import ServiceState
@@ -23,12 +23,12 @@ from store import idempotency, repo, textinput
 from store.archive import ArchiveLimits, inspect_archive
 from store.models import ACTIVE_STATUSES
 from store.objects import dataset_key, sha256_hex
+from backbone.methods import method_names
 
 log = logging.getLogger("promptstore.api")
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 
-ZEROSHOT = "zeroshot"
 MAX_ZEROSHOT_CLASSES = 10_000
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut, "description": "Missing or invalid API key."},
@@ -85,6 +85,13 @@ def parse_config(method: str, raw: str | None) -> dict[str, Any]:
         return json.loads(json.dumps(dict(validated), allow_nan=False))
     except (TypeError, ValueError):  # pragma: no cover - validate_config returns finite JSON types
         raise ApiError(422, "config holds a value that is not a finite JSON number") from None
+
+
+def needs_dataset(method: str) -> bool:
+    """Whether tasks of ``method`` (already validated) are tuned on a dataset (the registry's word)."""
+    from backbone.methods import get_method
+
+    return get_method(method).needs_dataset
 
 
 def parse_classes(raw: str | None) -> list[str]:
@@ -299,11 +306,12 @@ def get_own_task(s: Session, task_id: str, tenant: CurrentTenant) -> Any:
 def create_task(
     s: DbSession,
     name: str = Form(..., min_length=1, max_length=200, description="Task name."),
-    method: str = Form(..., description="zeroshot, coop, cocoop, vpt-shallow, vpt-deep, padding or linear-probe."),
+    method: str = Form(..., description="One of the registered methods: " + ", ".join(method_names()) + "."),
     dataset: UploadFile | None = File(None, description="Zip of class folders (required but for zeroshot)."),
     classes: str | None = Form(None, description='JSON list of class names (zeroshot only), e.g. ["cat", "dog"].'),
     config: str | None = Form(None, description="JSON object of method hyperparameters."),
     tenant: CurrentTenant = Depends(job_submitter),
+    _fields: None = Depends(form_fields("POST /v1/tasks", "name", "method", "dataset", "classes", "config")),
     state: ServiceState = Depends(get_state),
     idempotency_key: str | None = Header(None, alias="Idempotency-Key", description=_KEY_DOC),
 ) -> Any:
@@ -317,7 +325,7 @@ def create_task(
     task_name = textinput.check_name("name", name)  # before anything is stored
     method = method.strip()
     cfg = parse_config(method, config)
-    if method == ZEROSHOT:
+    if not needs_dataset(method):
         class_names = parse_classes(classes)
         check_class_texts(state, method, class_names, cfg)
         dataset_id = None
@@ -357,6 +365,7 @@ def retrain_task(
     dataset: UploadFile | None = File(None, description="A new dataset zip; omitted: keep the current one."),
     config: str | None = Form(None, description="A new config JSON object; omitted: keep the current one."),
     tenant: CurrentTenant = Depends(job_submitter),
+    _fields: None = Depends(form_fields("retrain", "dataset", "config", required=False)),
     state: ServiceState = Depends(get_state),
     idempotency_key: str | None = Header(None, alias="Idempotency-Key", description=_KEY_DOC),
 ) -> Any:
@@ -378,7 +387,9 @@ def retrain_task(
             check_class_texts(state, task.method, names, run_cfg)
 
     dataset_id = None
-    if dataset is not None and task.method != ZEROSHOT:
+    if dataset is not None and not needs_dataset(task.method):
+        raise ApiError(422, f"method {task.method} is not tuned on a dataset: retrain takes only config for it")
+    if dataset is not None:
         dataset_id, _ = store_dataset(state, s, tenant.id, dataset, check=check)
     else:
         check(list(task.classes or []))

@@ -6,11 +6,13 @@ from . import cocoop  # noqa: F401
 from . import vpt_shallow  # noqa: F401
 from . import vpt_deep  # noqa: F401
 from . import padding  # noqa: F401
+from . import fixed_patch  # noqa: F401
+from . import random_patch  # noqa: F401
 from . import linear_probe  # noqa: F401
 from .registry import (
-    MethodSpec, check_class_texts, describe_config, get_method, method_names, parse_config, validate_config,
+    MethodSpec, Trainer, check_class_texts, describe_config, get_method, method_names, parse_config, validate_config,
 )
 
 __all__ = [
-    "MethodSpec", "check_class_texts", "get_method", "method_names", "parse_config", "validate_config", "describe_config",
+    "MethodSpec", "Trainer", "check_class_texts", "get_method", "method_names", "parse_config", "validate_config", "describe_config",
 ]

@@ -6,18 +6,23 @@ holding only the learned tensors, which reads the frozen backbone but never owns
 it (the backbone is not a child module, so ``module.parameters()`` are the prompt
 parameters and nothing else).
 
-How a module touches the image path decides how it is trained and served:
-  - "features": the image tower is untouched (zeroshot, coop, cocoop, linear-probe):
-    image features are computed once and cached while tuning, and shared by every
-    such image in a mixed batch.
-  - "pixels": a learned frame is added to the input image (padding).
-  - "tokens": prompt tokens enter the image token sequence (vpt-*).
+How a module's images pass the image tower is its ``image_pass()`` (an ``ImagePass``):
+  - plain: the tower is untouched (zeroshot, coop, cocoop, linear-probe, VPT with 0 tokens);
+  - pixels: the module's additive pixel prompt (``pixel_prompt``) is added to the
+    preprocessed image first (padding, fixed-patch, random-patch);
+  - tokens: N prompt tokens enter the image token sequence (``token_prompts``), at layer 0
+    or before every layer (deep) (vpt-shallow, vpt-deep).
+The mixed forward (``serving.forward_mixed``) groups rows by that value alone, and applies
+heads to a group of tasks through the class hook ``batched_heads`` (CoCoOp batches every
+image's text pass there). Methods whose head reads only the untouched tower's embeddings
+declare ``cache_features`` so that tuning computes them once.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,9 +62,11 @@ class MethodConfig(BaseModel):
     """Fields every method accepts. Numbers must be finite (NaN and infinities are refused)
     and every float field declares both bounds (``registry.float_bounds``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # strict: a value of the wrong JSON type ("3" for an int, 1 for a bool, 2.0 for an int) is
+    # refused with the key named, never coerced; an int is still a valid float
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
-    seed: int = Field(0, ge=0, description="Seed of the train/validation split, the initialisation and the batch order.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the train/validation split, the initialisation and the batch order.")
     val_fraction: float = Field(
         0.2,
         ge=0.0,
@@ -121,10 +128,31 @@ class TrainConfig(MethodConfig):
 HeadKind = Literal["linear", "clip"]
 
 
+@dataclass(frozen=True)
+class ImagePass:
+    """How a module's images pass the image tower; the key the mixed forward groups rows by.
+
+    kind: "plain" (untouched tower), "pixels" (an additive pixel prompt first) or "tokens"
+    (``n_tokens`` >= 1 prompt tokens per layer; ``deep``: new ones before every layer)."""
+
+    kind: Literal["plain", "pixels", "tokens"] = "plain"
+    n_tokens: int = 0
+    deep: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.kind == "tokens") != (self.n_tokens > 0) or (self.deep and self.kind != "tokens"):
+            raise ValueError(f"inconsistent image pass {self}: tokens passes and only they have n_tokens >= 1")
+
+
+PLAIN = ImagePass("plain")
+PIXELS = ImagePass("pixels")
+
+
 class PromptModule(nn.Module):
     """Learned tensors of one task; reads, never owns, the frozen backbone."""
 
-    image_path: ClassVar[str] = "features"
+    #: the head reads only ``feats.embeds`` of the untouched tower: tuning may compute them once
+    cache_features: ClassVar[bool] = False
     needs_text: ClassVar[bool] = False
 
     def __init__(self, backbone: "Backbone", classes: list[str], config: MethodConfig):
@@ -161,32 +189,41 @@ class PromptModule(nn.Module):
 
     # -- image side
 
-    def pixel_frame(self) -> torch.Tensor | None:  # (1, 3, S, S) added to the image, or None
+    def image_pass(self) -> ImagePass:
+        """How this task's images pass the image tower (``ImagePass``)."""
+        return PLAIN
+
+    def pixel_prompt(self, batch: int) -> torch.Tensor | None:
+        """A "pixels" pass's additive prompt for a batch of ``batch`` images: (1, 3, S, S), or
+        (batch, 3, S, S) when rows differ; None for other passes. In eval mode it must be
+        deterministic and (1, 3, S, S) (a served classifier)."""
         return None
 
     def token_prompts(self, batch: int) -> TokenPrompts | None:
+        """A "tokens" pass's prompts for ``batch`` images; None for other passes."""
         return None
-
-    @property
-    def n_tokens(self) -> int:
-        return 0
-
-    @property
-    def deep(self) -> bool:
-        return False
 
     def image_features(self, images: torch.Tensor) -> ImageFeatures:
         """images (B, 3, S, S) preprocessed -> features through this task's image path alone."""
         x = images.to(self.bb.device, self.bb.dtype)
-        frame = self.pixel_frame()
-        if frame is not None:
-            x = x + frame.to(x.dtype)
+        prompt = self.pixel_prompt(x.shape[0])
+        if prompt is not None:
+            x = x + prompt.to(x.dtype)
         return self.bb.encode_images(x, self.token_prompts(x.shape[0]))
 
     # -- head
 
     def head(self, feats: ImageFeatures) -> torch.Tensor:  # -> (B, C) float32
         raise NotImplementedError
+
+    @classmethod
+    def batched_heads(
+        cls, backbone: "Backbone", groups: Sequence[tuple["PromptModule", ImageFeatures]]
+    ) -> list[torch.Tensor]:
+        """Logits (b_i, C_i) of several tasks' rows at once: each (module, its rows' features).
+        The mixed forward hands every task whose class shares this hook to one call; the
+        default runs each head alone. Override to batch work across tasks (CoCoOp)."""
+        return [module.head(feats) for module, feats in groups]
 
     def forward(self, images: torch.Tensor | None = None, feats: ImageFeatures | None = None) -> torch.Tensor:
         """Logits (B, C) of this task alone, from images (B, 3, S, S) or from cached features."""

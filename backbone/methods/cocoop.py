@@ -9,7 +9,7 @@ own prompts and its own text features for all classes. Class token at the end.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from torch import nn
 from ..towers import ImageFeatures
 from .base import MethodConfig, PromptModule, TrainConfig, underscores_to_spaces
 from .coop import CoOpModule, context_prompt, context_text_prompts
-from .registry import MethodSpec, register
+from .registry import MethodSpec, Trainer, register
 
 if TYPE_CHECKING:
     from ..loading import Backbone, TextTokens
@@ -56,7 +56,7 @@ class CoCoOpConfig(TrainConfig):
 
 
 class CoCoOpModule(PromptModule):
-    image_path = "features"
+    cache_features = True
     needs_text = True
     prepare_class_name = staticmethod(underscores_to_spaces)
     text_prompt_hint = ", or use fewer context vectors (n_ctx, or a shorter init)"
@@ -122,6 +122,23 @@ class CoCoOpModule(PromptModule):
         x, eot = self.text_inputs(feats.embeds)
         return self.logits_from_text(feats.embeds, self.bb.text.encode_embedded(x, eot))
 
+    @classmethod
+    def batched_heads(
+        cls, backbone: "Backbone", groups: Sequence[tuple[PromptModule, ImageFeatures]]
+    ) -> list[torch.Tensor]:
+        """Every image's per-class prompts of every CoCoOp task in ONE text-tower call."""
+        modules: list[CoCoOpModule] = [m for m, _ in groups]  # type: ignore[misc]
+        embeds = [f.embeds for _, f in groups]
+        inputs = [m.text_inputs(e) for m, e in zip(modules, embeds)]  # [(b_r*C_r, L_r, Dt), (b_r*C_r,)]
+        length = max(x.shape[1] for x, _ in inputs)  # zero-pad after every EOT to one length
+        x_all = torch.cat([F.pad(x, (0, 0, 0, length - x.shape[1])) for x, _ in inputs])  # (T, L, Dt)
+        text = backbone.text.encode_embedded(x_all, torch.cat([e for _, e in inputs]))
+        out, start = [], 0
+        for m, e, (x, _) in zip(modules, embeds, inputs):
+            out.append(m.logits_from_text(e, text[start:start + x.shape[0]]))  # (b_r, C_r)
+            start += x.shape[0]
+        return out
+
     @torch.no_grad()
     def prepare_serving(self) -> None:
         # keep the suffix only up to the last EOT: under the causal mask the padding after it
@@ -135,7 +152,8 @@ register(
         name="cocoop",
         config_cls=CoCoOpConfig,
         module_cls=CoCoOpModule,
-        trainer="sgd",
+        trainer=Trainer.SGD,
         summary="CoOp context shifted per image by a small meta-net",
+        smoke_config={"epochs": 1, "batch_size": 4},
     )
 )

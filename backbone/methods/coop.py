@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..towers import ImageFeatures
 from .base import MethodConfig, PromptModule, TrainConfig, clip_logits, underscores_to_spaces
-from .registry import MethodSpec, register
+from .registry import MethodSpec, Trainer, register
 
 if TYPE_CHECKING:
     from ..loading import Backbone, TextTokens
@@ -97,7 +97,7 @@ def context_text_prompts(
 
 
 class CoOpModule(PromptModule):
-    image_path = "features"
+    cache_features = True
     needs_text = True
     prepare_class_name = staticmethod(underscores_to_spaces)
     text_prompt_hint = ", or use fewer context vectors (n_ctx, or a shorter init)"
@@ -204,7 +204,8 @@ register(
         name="coop",
         config_cls=CoOpConfig,
         module_cls=CoOpModule,
-        trainer="sgd",
+        trainer=Trainer.SGD,
         summary="learned context vectors around the class name in the CLIP text prompt",
+        smoke_config={"epochs": 2, "n_ctx": 2},
     )
 )

@@ -3,7 +3,7 @@ features, the L2 strength chosen on the validation split (the CLIP and CoOp base
 
 Fitted with full-batch L-BFGS on cached features for every value of ``l2_grid``
 (strongest first, each fit warm-starting the next); the value with the best validation
-accuracy is kept (ties: the stronger regularisation).
+accuracy is kept (ties: the lower validation cross-entropy, then the stronger regularisation).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 
 from ..towers import ImageFeatures
 from .base import MethodConfig, PromptModule
-from .registry import MethodSpec, register
+from .registry import MethodSpec, Trainer, register
 
 if TYPE_CHECKING:
     from ..loading import Backbone
@@ -50,7 +50,7 @@ class LinearProbeConfig(MethodConfig):
 
 
 class LinearProbeModule(PromptModule):
-    image_path = "features"
+    cache_features = True
 
     def __init__(self, backbone: "Backbone", classes: list[str], config: LinearProbeConfig):
         super().__init__(backbone, classes, config)
@@ -86,7 +86,8 @@ register(
         name="linear-probe",
         config_cls=LinearProbeConfig,
         module_cls=LinearProbeModule,
-        trainer="lbfgs",
+        trainer=Trainer.LBFGS,
         summary="logistic regression on frozen image features",
+        smoke_config={"l2_grid": [1.0, 0.01], "max_iter": 50},
     )
 )

@@ -9,7 +9,7 @@ or, for backbones without a text tower, a linear head on the pooled feature.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -18,10 +18,10 @@ from torch import nn
 from ..errors import ConfigError
 from ..towers import ImageFeatures
 from .base import (
-    MethodConfig, PromptModule, TrainConfig, build_head, head_prompts, lower_underscores_hyphens_to_spaces,
-    resolve_head,
+    PIXELS, ImagePass, MethodConfig, PromptModule, TrainConfig, build_head, head_prompts,
+    lower_underscores_hyphens_to_spaces, resolve_head,
 )
-from .registry import MethodSpec, register
+from .registry import MethodSpec, Trainer, register
 
 if TYPE_CHECKING:
     from ..loading import Backbone, TextTokens
@@ -29,28 +29,32 @@ if TYPE_CHECKING:
 PAPER_PAD, PAPER_SIZE = 30, 224
 
 
-class PaddingConfig(TrainConfig):
-    """With the clip head, class names become text as the padding authors' reference code does
-    it (``refine_classname``): lowercased, and both '_' and '-' become spaces ('T-shirt_top' ->
-    't shirt top'); the name fills the template's '{}'. That prompt must fit the text encoder's
-    context (77 tokens for CLIP, start and end included) and no two classes may make the same
-    tokens ('t-shirt' and 't shirt' do): such a task is refused, never cut. The linear head
-    reads no text."""
+def scaled_prompt_size(image_size: int, paper: int = PAPER_PAD) -> int:
+    """The paper's prompt size at 224 px, scaled to ``image_size`` (at least 1)."""
+    return max(1, round(paper * image_size / PAPER_SIZE))
 
-    pad: int | None = Field(
-        None,
-        ge=1,
-        le=512,
-        description="Frame width in pixels. None: 30 at 224 px (the paper), scaled to the backbone's image size.",
-    )
-    head: Literal["auto", "clip", "linear"] = Field(
-        "auto", description="auto: clip with a text tower (the paper), else linear; clip; linear."
-    )
-    template: str = Field(
+
+def pixel_head_field() -> Any:
+    return Field("auto", description="auto: clip with a text tower (the paper), else linear; clip; linear.")
+
+
+def pixel_template_field() -> Any:
+    return Field(
         "This is a photo of a {}",
         description="Class-name template of the clip head (the paper's); the name fills '{}' lowercased, with "
         "'_' and '-' read as spaces, and the filled template must fit the text encoder's context (77 tokens).",
     )
+
+
+class PixelPromptConfig(TrainConfig):
+    """Training defaults of Bahng et al.'s pixel prompts (padding, fixed-patch, random-patch).
+    With the clip head, class names become text as the authors' reference code does it
+    (``refine_classname``): lowercased, and both '_' and '-' become spaces ('T-shirt_top' ->
+    't shirt top'); the name fills the template's '{}'. That prompt must fit the text encoder's
+    context (77 tokens for CLIP, start and end included) and no two classes may make the same
+    tokens ('t-shirt' and 't shirt' do): such a task is refused, never cut. The linear head
+    reads no text. Subclasses add their size field, then ``head`` and ``template``."""
+
     epochs: int | None = Field(
         None,
         ge=1,
@@ -67,12 +71,27 @@ class PaddingConfig(TrainConfig):
     def default_epochs(self, shots: int) -> int:
         return 50
 
+
+class PaddingConfig(PixelPromptConfig):
+    __doc__ = PixelPromptConfig.__doc__
+
+    pad: int | None = Field(
+        None,
+        ge=1,
+        le=512,
+        description="Frame width in pixels. None: 30 at 224 px (the paper), scaled to the backbone's image size.",
+    )
+    head: Literal["auto", "clip", "linear"] = pixel_head_field()
+    template: str = pixel_template_field()
+
     def pad_for(self, image_size: int) -> int:
-        return self.pad if self.pad is not None else max(1, round(PAPER_PAD * image_size / PAPER_SIZE))
+        return self.pad if self.pad is not None else scaled_prompt_size(image_size)
 
 
-class PaddingModule(PromptModule):
-    image_path = "pixels"
+class PixelPromptModule(PromptModule):
+    """A "pixels" pass with the padding paper's head: subclasses create their parameters, then
+    call ``_build_head``, and return their prompt from ``pixel_prompt``."""
+
     prepare_class_name = staticmethod(lower_underscores_hyphens_to_spaces)
     text_prompt_hint = " or the template"
 
@@ -83,6 +102,25 @@ class PaddingModule(PromptModule):
         head, template = config.head, config.template  # type: ignore[attr-defined]
         return head_prompts(classes, head, template, tokens, cls.prepare_class_name)
 
+    @classmethod
+    def check_backbone(cls, backbone: "Backbone", config: MethodConfig) -> None:
+        super().check_backbone(backbone, config)
+        resolve_head(backbone, config.head)  # type: ignore[attr-defined]
+
+    def _build_head(self, backbone: "Backbone", classes: list[str], config: MethodConfig) -> None:
+        self.head_kind = resolve_head(backbone, config.head)  # type: ignore[attr-defined]
+        self.classifier = build_head(
+            backbone, classes, self.head_kind, config.template, self.prepare_class_name  # type: ignore[attr-defined]
+        )
+
+    def image_pass(self) -> ImagePass:
+        return PIXELS
+
+    def head(self, feats: ImageFeatures) -> torch.Tensor:  # -> (B, C)
+        return self.classifier(feats)
+
+
+class PaddingModule(PixelPromptModule):
     def __init__(self, backbone: "Backbone", classes: list[str], config: PaddingConfig):
         super().__init__(backbone, classes, config)
         s = backbone.image_size
@@ -92,18 +130,16 @@ class PaddingModule(PromptModule):
         self.pad_down = nn.Parameter(torch.randn(1, 3, p, s))
         self.pad_left = nn.Parameter(torch.randn(1, 3, s - 2 * p, p))
         self.pad_right = nn.Parameter(torch.randn(1, 3, s - 2 * p, p))
-        self.head_kind = resolve_head(backbone, config.head)
-        self.classifier = build_head(backbone, classes, self.head_kind, config.template, self.prepare_class_name)
+        self._build_head(backbone, classes, config)
 
     @classmethod
     def check_backbone(cls, backbone: "Backbone", config: PaddingConfig) -> None:
-        super().check_backbone(backbone, config)
         p = config.pad_for(backbone.image_size)
         if 2 * p >= backbone.image_size:
             raise ConfigError(
                 f"pad={p} leaves no image: 2 * pad must be smaller than the image size {backbone.image_size}"
             )
-        resolve_head(backbone, config.head)
+        super().check_backbone(backbone, config)
 
     def pixel_frame(self) -> torch.Tensor:  # (1, 3, S, S)
         s, p = self.pad_up.shape[-1], self.pad
@@ -111,8 +147,8 @@ class PaddingModule(PromptModule):
         middle = torch.cat([self.pad_left, base, self.pad_right], dim=3)
         return torch.cat([self.pad_up, middle, self.pad_down], dim=2)
 
-    def head(self, feats: ImageFeatures) -> torch.Tensor:  # -> (B, C)
-        return self.classifier(feats)
+    def pixel_prompt(self, batch: int) -> torch.Tensor:  # (1, 3, S, S)
+        return self.pixel_frame()
 
 
 register(
@@ -120,7 +156,8 @@ register(
         name="padding",
         config_cls=PaddingConfig,
         module_cls=PaddingModule,
-        trainer="sgd",
+        trainer=Trainer.SGD,
         summary="a learned pixel frame around the image",
+        smoke_config={"epochs": 2, "pad": 4},
     )
 )

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import annotated_types
@@ -23,13 +24,31 @@ if TYPE_CHECKING:
     from ..loading import TextTokens
 
 
+class Trainer(str, Enum):
+    """How ``tuning.tune`` trains a method's module (each value is one trainer there)."""
+
+    NONE = "none"  # nothing to learn (zeroshot)
+    SGD = "sgd"  # gradient steps: SGD/AdamW, warm-up then cosine
+    LBFGS = "lbfgs"  # the linear-probe L2 sweep on cached features
+
+
 @dataclass(frozen=True)
 class MethodSpec:
+    """Everything the service knows about a method; the rest lives on its config and module
+    classes (``PromptModule``: image pass, pixel/token prompts, head, batched heads)."""
+
     name: str
     config_cls: type[MethodConfig]
     module_cls: type[PromptModule]
-    trainer: str  # "none" (zeroshot) | "sgd" (gradient steps) | "lbfgs" (linear-probe sweep)
+    trainer: Trainer
     summary: str
+    #: A small config that tunes in about a second on ``open_clip:tiny:random`` (tests and benches).
+    smoke_config: dict[str, Any] = field(default_factory=dict)
+    #: Whether a task of this method needs a labelled dataset (False only for zeroshot).
+    needs_dataset: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "trainer", Trainer(self.trainer))  # a typo fails at import
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..towers import ImageFeatures, TokenPrompts
 from .base import (
-    MethodConfig, PromptModule, TrainConfig, build_head, head_prompts, resolve_head, underscores_to_spaces,
+    PLAIN, ImagePass, MethodConfig, PromptModule, TrainConfig, build_head, head_prompts, resolve_head, underscores_to_spaces,
 )
 
 if TYPE_CHECKING:
@@ -67,7 +67,6 @@ class VPTConfig(TrainConfig):
 
 
 class VPTModule(PromptModule):
-    image_path = "tokens"
     is_deep: ClassVar[bool] = False
     prepare_class_name = staticmethod(underscores_to_spaces)
     text_prompt_hint = " or the template"
@@ -103,6 +102,11 @@ class VPTModule(PromptModule):
     @property
     def deep(self) -> bool:
         return self.is_deep and self.prompts.shape[0] > 1
+
+    def image_pass(self) -> ImagePass:
+        if self.n_tokens == 0:
+            return PLAIN
+        return ImagePass("tokens", n_tokens=self.n_tokens, deep=self.deep)
 
     def layer_prompts(self) -> torch.Tensor:  # (layers, N, D), one dropout mask while training
         return self.prompt_dropout(self.prompts)

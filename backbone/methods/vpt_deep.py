@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .registry import MethodSpec, register
+from .registry import MethodSpec, Trainer, register
 from .vpt import VPTConfig, VPTModule
 
 
@@ -19,7 +19,8 @@ register(
         name="vpt-deep",
         config_cls=VPTDeepConfig,
         module_cls=VPTDeepModule,
-        trainer="sgd",
+        trainer=Trainer.SGD,
         summary="prompt tokens replaced at the input of every image transformer layer",
+        smoke_config={"epochs": 2, "n_tokens": 2},
     )
 )

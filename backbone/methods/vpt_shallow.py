@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .registry import MethodSpec, register
+from .registry import MethodSpec, Trainer, register
 from .vpt import VPTConfig, VPTModule
 
 
@@ -19,7 +19,8 @@ register(
         name="vpt-shallow",
         config_cls=VPTShallowConfig,
         module_cls=VPTShallowModule,
-        trainer="sgd",
+        trainer=Trainer.SGD,
         summary="prompt tokens after [CLS] at the input of the image transformer",
+        smoke_config={"epochs": 2, "n_tokens": 2},
     )
 )

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 
 from ..towers import ImageFeatures
 from .base import MethodConfig, PromptModule, class_text_features, clip_logits, template_prompts, underscores_to_spaces
-from .registry import MethodSpec, register
+from .registry import MethodSpec, Trainer, register
 
 if TYPE_CHECKING:
     from ..loading import Backbone, TextTokens
@@ -64,7 +64,7 @@ class ZeroshotConfig(MethodConfig):
 
 
 class ZeroshotModule(PromptModule):
-    image_path = "features"
+    cache_features = True
     needs_text = True
     prepare_class_name = staticmethod(underscores_to_spaces)
     text_prompt_hint = " or the template"
@@ -95,7 +95,9 @@ register(
         name="zeroshot",
         config_cls=ZeroshotConfig,
         module_cls=ZeroshotModule,
-        trainer="none",
+        trainer=Trainer.NONE,
         summary="hand-crafted templates through the CLIP text encoder",
+        smoke_config={},
+        needs_dataset=False,
     )
 )

@@ -13,17 +13,10 @@ import pytest
 from psdata import b64, dataset_zip, image_bytes
 
 from backbone import method_names
+from backbone.methods import get_method
 
 #: Small, fast configs per method (a few epochs on a handful of 32 px images).
-FAST: dict[str, dict[str, Any]] = {
-    "zeroshot": {},
-    "coop": {"epochs": 2, "n_ctx": 2},
-    "cocoop": {"epochs": 1, "batch_size": 4},
-    "vpt-shallow": {"epochs": 2, "n_tokens": 2},
-    "vpt-deep": {"epochs": 2, "n_tokens": 2},
-    "padding": {"epochs": 2, "pad": 4},
-    "linear-probe": {"l2_grid": [1.0, 0.01], "max_iter": 50},
-}
+FAST: dict[str, dict[str, Any]] = {m: get_method(m).smoke_config for m in method_names()}  # the registry's
 CLASSES = ("bird", "cat", "dog")  # sorted: dataset classes follow the folder order
 
 def test_fast_configs_cover_every_registered_method() -> None:
@@ -61,7 +54,7 @@ def object_keys(settings: Any) -> set[str]:
 
 def _create(api: Any, headers: dict[str, str], method: str, config: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
     cfg = FAST[method] if config is None else config
-    if method == "zeroshot":
+    if not get_method(method).needs_dataset:
         return api.create_task(headers, method, classes=list(CLASSES), config=cfg, **kw).json()
     return api.create_task(headers, method, dataset=dataset_zip(CLASSES, per_class=4), config=cfg, **kw).json()
 
@@ -87,7 +80,7 @@ def test_method_end_to_end(method: str, backend: str, settings_factory: Any, mak
     assert task["version"] == 1 and task["error"] is None and task["training"] is None
     for key in ("val_accuracy", "train_seconds", "n_train", "n_val"):
         assert key in task["metrics"]
-    if method != "zeroshot":
+    if get_method(method).needs_dataset:
         assert task["metrics"]["n_train"] + task["metrics"]["n_val"] == 4 * len(CLASSES)
 
     listed = api.client.get("/v1/tasks", headers=tenant).json()
@@ -219,8 +212,12 @@ def test_retrain_serves_old_version_until_new_one_then_cancel_and_retry(
         headers=tenant,
     )
     assert r.status_code == 202, r.text
+    served_dataset = t["dataset_id"]
+    assert r.json()["dataset_id"] == served_dataset and r.json()["training"]["dataset_id"] not in (None, served_dataset)
+    assert r.json()["classes"] == t["classes"]  # the served version's, until the new one publishes
+    new_dataset = r.json()["training"]["dataset_id"]
     t = api.wait(tenant, tid, lambda t: t["version"] == 3)
-    assert t["classes"] == ["apple", "pear"]
+    assert t["classes"] == ["apple", "pear"] and t["dataset_id"] == new_dataset
     r = api.client.post(f"/v1/tasks/{tid}/classify", json=probe, headers=tenant)
     assert {p["label"] for p in r.json()["predictions"][0]} == {"apple", "pear"}
 

@@ -14,6 +14,7 @@ from backbone import (
     PromptMismatch,
     TrainedPrompt,
     load_prompt,
+    prepare_resident,
     read_prompt_metadata,
     tune,
 )
@@ -76,7 +77,7 @@ def test_tensors_that_do_not_fit_the_method(tiny, prompt):
     bad = TrainedPrompt("coop", prompt.config, prompt.classes, tiny.fingerprint, {"ctx": torch.zeros(7, 3)})
     loaded = load_prompt(bad.to_bytes(), tiny)
     with pytest.raises(PromptFormatError, match="do not fit method coop"):
-        tiny.prepare(loaded)
+        prepare_resident(tiny, loaded)
 
 
 def test_invalid_config_in_metadata(tiny, prompt):

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bbtest_helpers import FAST, TRAINED_METHODS
+from bbtest_helpers import FAST, LEARN, TRAINED_METHODS
 
-from backbone import ConfigError, PromptMismatch, load_prompt, method_names, tune, validate_config
+from backbone import ConfigError, PromptMismatch, load_prompt, method_names, prepare_resident, tune, validate_config
 from backbone.methods import get_method, parse_config
 from backbone.tuning import build_module
 
@@ -22,7 +22,7 @@ def tuned(method, tiny, classes, train_data):
     if method not in _TUNED:
         images, labels = train_data
         snapshot = {k: v.clone() for k, v in tiny.model.state_dict().items()}
-        if method == "zeroshot":
+        if not get_method(method).needs_dataset:
             result = tune(tiny, method, classes, None, None, FAST[method])
         else:
             result = tune(tiny, method, classes, images, labels, FAST[method])
@@ -31,7 +31,27 @@ def tuned(method, tiny, classes, train_data):
 
 
 def test_registry_order_and_names():
-    assert method_names() == ["zeroshot", "coop", "cocoop", "vpt-shallow", "vpt-deep", "padding", "linear-probe"]
+    assert method_names() == [
+        "zeroshot", "coop", "cocoop", "vpt-shallow", "vpt-deep", "padding", "fixed-patch", "random-patch", "linear-probe",
+    ]
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_every_method_declares_a_quick_smoke_config(method, tiny, classes, train_data):
+    """The registry's smoke config (used by the e2e tests and the benches) validates and tunes
+    in about a second on the tiny backbone; only zeroshot needs no dataset."""
+    import time
+
+    spec = get_method(method)
+    assert isinstance(spec.smoke_config, dict)
+    validate_config(method, spec.smoke_config)
+    assert spec.needs_dataset == (method != "zeroshot")
+    images, labels = train_data
+    started = time.perf_counter()
+    result = tune(tiny, method, classes, images if spec.needs_dataset else None,
+                  labels if spec.needs_dataset else None, spec.smoke_config)
+    assert time.perf_counter() - started < 5.0, f"{method}'s smoke config is not quick"
+    assert result.prompt.method == method
 
 
 @pytest.mark.parametrize("method", method_names())
@@ -76,8 +96,8 @@ def test_save_load_same_logits(method, tiny, classes, train_data, test_data):
     assert loaded.method == method and loaded.classes == classes
     assert loaded.config == result.prompt.config and loaded.extra == {"task_id": "t1", "version": "3"}
     assert loaded.tensors.keys() == result.prompt.tensors.keys()
-    before = tiny.prepare(result.prompt).forward(images)
-    after = tiny.prepare(loaded).forward(images)
+    before = prepare_resident(tiny, result.prompt).forward(images)
+    after = prepare_resident(tiny, loaded).forward(images)
     assert before.shape == (len(images), len(classes))
     assert torch.equal(before, after)
 
@@ -89,15 +109,15 @@ def test_prompt_refuses_another_backbone(method, tiny, tiny_other, classes, trai
     with pytest.raises(PromptMismatch) as err:
         load_prompt(data, tiny_other)
     assert tiny.fingerprint in str(err.value) and tiny_other.fingerprint in str(err.value)
-    with pytest.raises(PromptMismatch):
-        tiny_other.prepare(result.prompt)
+    # checked once, where the bytes are loaded: serving trusts a loaded TrainedPrompt
 
 
-@pytest.mark.parametrize("method", TRAINED_METHODS)
+@pytest.mark.parametrize("method", [m for m in TRAINED_METHODS if m in LEARN])
 def test_learns_synthetic_task_well_above_chance(method, tiny, classes, train_data, test_data):
-    result, _ = tuned(method, tiny, classes, train_data)
+    images, labels = train_data
+    result = tune(tiny, method, classes, images, labels, LEARN[method])
     images, labels = test_data
-    acc = (tiny.prepare(result.prompt).forward(images).argmax(dim=-1) == labels).float().mean().item()
+    acc = (prepare_resident(tiny, result.prompt).forward(images).argmax(dim=-1) == labels).float().mean().item()
     chance = 1.0 / len(classes)
     assert acc >= 0.6, f"{method}: held-out accuracy {acc:.2f} (chance {chance:.2f})"
     assert result.metrics["train_accuracy"] >= 0.6
@@ -176,5 +196,5 @@ def test_text_methods_refuse_timm_backbone_image_methods_work():
         ("linear-probe", {"l2_grid": [1e-2], "val_fraction": 0.0}),
     ]:
         r = tune(bb, method, ["a", "b"], images, labels, cfg)
-        logits = bb.prepare(r.prompt).forward(images)
+        logits = prepare_resident(bb, r.prompt).forward(images)
         assert logits.shape == (4, 2) and torch.isfinite(logits).all()

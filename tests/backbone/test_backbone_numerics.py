@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backbone import TrainedPrompt, forward_mixed
+from backbone import TrainedPrompt, forward_mixed, prepare_resident
 from backbone.methods import get_method, parse_config
 from backbone.methods.base import class_text_features
 from backbone.methods.zeroshot import ZeroshotConfig
@@ -147,8 +147,8 @@ def test_vpt_zero_tokens_equals_plain_forward(tiny, method):
     with torch.no_grad():
         assert torch.equal(m.image_features(x).embeds, tiny.model.encode_image(x))
         prompt = TrainedPrompt(method, m.config.model_dump(mode="json"), NAMES, tiny.fingerprint, m.state_dict())
-        res = tiny.prepare(prompt)
-        zs = tiny.prepare(TrainedPrompt("zeroshot", {}, NAMES, tiny.fingerprint, {}))
+        res = prepare_resident(tiny, prompt)
+        zs = prepare_resident(tiny, TrainedPrompt("zeroshot", {}, NAMES, tiny.fingerprint, {}))
         mixed = forward_mixed(tiny, [res, zs], torch.cat([x, x]), torch.tensor([0] * 5 + [1] * 5))
     # same CLIP head and template as zeroshot's single template: the same logits
     for i in range(5):

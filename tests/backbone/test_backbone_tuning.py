@@ -103,8 +103,10 @@ def test_linear_probe_sweeps_and_keeps_best(tiny, classes, train_data):
     images, labels = train_data
     r = tune(tiny, "linear-probe", classes, images, labels, {"l2_grid": [1e-5, 10.0, 1e-2]})
     assert [h["l2"] for h in r.history] == [10.0, 1e-2, 1e-5]  # strongest first
-    best = max(r.history, key=lambda h: h["val_accuracy"])
+    # the best validation accuracy; a tie goes to the lower validation loss, then the stronger l2
+    best = max(r.history, key=lambda h: (h["val_accuracy"], -h["val_loss"]))
     assert r.metrics["l2"] == best["l2"] and r.metrics["val_accuracy"] == best["val_accuracy"]
+    assert all(h["val_loss"] > 0 for h in r.history)
     no_val = tune(tiny, "linear-probe", classes, images, labels, {"val_fraction": 0.0})
     assert no_val.metrics["n_val"] == 0 and no_val.metrics["val_accuracy"] is None
     assert no_val.metrics["l2"] == 1e-3 and len(no_val.history) == 1
