@@ -89,6 +89,8 @@ def setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    if level > logging.DEBUG:  # alembic announces each of its plugins at INFO on every start
+        logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 def _settings():  # noqa: ANN202 - Settings, imported lazily so --help stays fast
