@@ -15,10 +15,13 @@ from api.engine import Engine, Inference
 from api.middleware import FORM_OVERHEAD_BYTES, BodyLimitMiddleware, HttpMetrics, MetricsMiddleware
 from api.ratelimit import RateLimiter
 from api.state import RequestCounter, ServiceState
+from backbone.errors import public_text
+from backbone.holder import BackboneHolder
 from store.consistency import PeriodicCollector
+from store.db import get_sessionmaker
+from store.objects import get_object_store
 from store.settings import Settings, get_settings
-from worker import runtime
-from worker.dispatch import CeleryDispatcher, ThreadDispatcher, make_dispatcher
+from worker.dispatch import Dispatcher, make_dispatcher
 
 log = logging.getLogger("promptstore.api")
 
@@ -32,7 +35,7 @@ admin calls `Authorization: Bearer <admin_token>`. Every error is `{"detail": st
 def create_app(
     settings: Settings | None = None,
     *,
-    dispatcher: CeleryDispatcher | ThreadDispatcher | None = None,
+    dispatcher: Dispatcher | None = None,
     inference: Inference | None = None,
 ) -> FastAPI:
     """Build the app for ``settings`` (default: from the environment).
@@ -46,11 +49,11 @@ def create_app(
     settings = settings or get_settings()
     registry = CollectorRegistry()
     http_metrics = HttpMetrics(registry)
-    backbone = runtime.BackboneHolder(settings.backbone, settings.device, on_loaded=lambda bb: log.info(
-        "ready to serve: backbone %s loaded on %s", runtime.public_text(bb.spec), bb.device
+    backbone = BackboneHolder(settings.backbone, settings.device, on_loaded=lambda bb: log.info(
+        "ready to serve: backbone %s loaded on %s", public_text(bb.spec), bb.device
     ))
-    objects = runtime.get_object_store(settings)
-    sm = runtime.get_sessionmaker(
+    objects = get_object_store(settings)
+    sm = get_sessionmaker(
         settings.database_url, connect_timeout=settings.db_connect_timeout, timeout=settings.db_timeout
     )
     state = ServiceState(
@@ -77,14 +80,14 @@ def create_app(
 
     gc = PeriodicCollector(sm, objects, interval=settings.gc_interval, grace_s=settings.gc_grace)
 
-    if isinstance(state.dispatcher, ThreadDispatcher):
-        state.dispatcher.on_published = state.inference.published
+    # jobs this process runs tell the engine at once (others announce through Redis)
+    state.dispatcher.on_published = state.inference.published
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         log.info(
             "starting (jobs: %s); /readyz answers 503 until backbone %s is loaded",
-            getattr(state.dispatcher, "kind", "?"), runtime.public_text(settings.backbone),
+            state.dispatcher.kind, public_text(settings.backbone),
         )
         state.backbone.start()  # logs "ready to serve" once loaded
         state.inference.start()
@@ -122,9 +125,10 @@ def create_app(
     app.include_router(tenants.router)
     app.include_router(tasks.router)
     app.include_router(classify.router)
-    from api.admin import router as admin_router
+    from api.admin import install_admin_errors, router as admin_router
 
     app.include_router(admin_router)
+    install_admin_errors(app)  # a dashboard page without the admin: 401 with the login form
 
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES)
     app.add_middleware(MetricsMiddleware, metrics=http_metrics)

@@ -96,10 +96,10 @@ def setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
 def _settings():  # noqa: ANN202 - Settings, imported lazily so --help stays fast
     from pydantic import ValidationError
 
-    from store.settings import Settings
+    from store.settings import get_settings
 
     try:
-        return Settings()
+        return get_settings()
     except ValidationError as exc:
         msgs = "; ".join(str(e.get("msg", "")) for e in exc.errors())
         _fail(f"invalid settings: {msgs}")
@@ -195,44 +195,9 @@ def worker(
             "PROMPTSTORE_BROKER_URL=redis://localhost:6379/0 (without one, `promptstore serve` runs jobs itself)"
         )
     setup_logging(settings.log_format)
-    from worker.celery_app import celery_app
+    from worker.dispatch import run_celery_worker
 
-    celery_app.conf.broker_url = settings.broker_url
-    pool = "solo" if concurrency == 1 else "prefork"
-    _preload_backbone_in_job_processes(settings, pool)
-    from store.consistency import PeriodicCollector
-
-    # the object garbage collector (PROMPTSTORE_GC_INTERVAL; its own connections, opened in its thread)
-    PeriodicCollector.from_settings(settings).start()
-    from worker.dispatch import CeleryDispatcher
-    from worker.reconcile import Reconciler
-
-    # the run reconciler (PROMPTSTORE_RECONCILE_INTERVAL_S): re-sends queued runs whose message
-    # was lost, re-queues or fails runs whose worker stopped renewing its lease; safe with many
-    # workers (each decision is a conditional write); its own connections, opened in its thread
-    Reconciler(settings, CeleryDispatcher(settings).submit).start()
-    celery_app.worker_main(
-        ["worker", f"--loglevel={loglevel}", f"--concurrency={concurrency}", f"--pool={pool}", "--without-gossip",
-         "--without-mingle", "-Q", "promptstore"]
-    )
-
-
-def _preload_backbone_in_job_processes(settings: Any, pool: str) -> None:
-    """Start loading the backbone as soon as a process that runs jobs exists (this one for the
-    solo pool, each child for prefork), in the background: the first job does not pay for the
-    load, and a backbone that cannot load is in the log at start. A job arriving meanwhile waits
-    for the same load; a failed load is tried again by the job, which fails with the reason."""
-    from worker.runtime import BackboneHolder
-
-    def start(**_: Any) -> None:
-        BackboneHolder(settings.backbone, settings.device).start()
-
-    if pool == "solo":
-        start()
-    else:  # Celery kills a child whose init takes over 4 s: the load must not block it
-        from celery.signals import worker_process_init
-
-        worker_process_init.connect(start, weak=False)
+    run_celery_worker(settings, concurrency=concurrency, loglevel=loglevel)
 
 
 @app.command()

@@ -12,14 +12,14 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.middleware import HttpMetrics
+from backbone.holder import BackboneHolder
 from store.objects import ObjectStore
-from worker.runtime import BackboneHolder
 
 if TYPE_CHECKING:
     from api.engine import Inference
     from api.ratelimit import RateLimiter
     from store.settings import Settings
-    from worker.dispatch import CeleryDispatcher, ThreadDispatcher
+    from worker.dispatch import Dispatcher
 
 log = logging.getLogger("promptstore.api")
 
@@ -84,7 +84,7 @@ class ServiceState:
     objects: ObjectStore
     backbone: BackboneHolder
     inference: "Inference"  # the cross-tenant inference engine (api.engine.Engine)
-    dispatcher: "CeleryDispatcher | ThreadDispatcher"
+    dispatcher: "Dispatcher"
     registry: CollectorRegistry
     http_metrics: HttpMetrics
     limiter: "RateLimiter"  # per-tenant and per-address rate limits (api.ratelimit)

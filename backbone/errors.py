@@ -1,10 +1,12 @@
-"""Exceptions raised by the backbone package.
+"""Exceptions raised by the backbone package, and the helpers that make a message fit for a client.
 
 Every message says what was wrong and what is accepted; none carries a stack
 trace or a tensor.
 """
 
 from __future__ import annotations
+
+import re
 
 
 class BackboneError(Exception):
@@ -35,3 +37,21 @@ class DivergedError(ConfigError):
 
 class NonFinitePrompt(PromptFormatError):
     """A prompt whose tensors hold NaN or infinity: never saved, published or served."""
+
+
+#: An absolute path (POSIX or Windows) standing alone or after ':' or '=' (not a URL's '//').
+_PATH = re.compile(r"""(?:(?<=^)|(?<=[\s:='"(]))(?:/(?!/)|[A-Za-z]:\\)[^\s'"(),;]+""")
+_URL_CREDENTIALS = re.compile(r"(\w+://)[^/\s@]+@")
+
+
+def public_reason(exc: BaseException) -> str:
+    """``exc``'s message fit for a client (see ``public_text``)."""
+    return public_text(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+
+
+def public_text(msg: str) -> str:
+    """``msg`` fit for a client: no server path (a path is shortened to its last part) and no
+    credentials in URLs; at most 300 characters."""
+    msg = _URL_CREDENTIALS.sub(r"\1", msg)
+    msg = _PATH.sub(lambda m: ".../" + re.split(r"[\\/]", m.group(0).rstrip("\\/"))[-1], msg)
+    return msg[:300]

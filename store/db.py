@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -168,6 +169,25 @@ def bounded_pg_connection_class(wait_s: float) -> Any:
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     """Sessions that keep loaded attributes after commit (handlers return them)."""
     return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+_sessionmakers_lock = threading.Lock()
+_sessionmakers: dict[tuple[str, float | None, float | None], sessionmaker[Session]] = {}
+
+
+def get_sessionmaker(
+    database_url: str, *, connect_timeout: float | None = None, timeout: float | None = None
+) -> sessionmaker[Session]:
+    """The process's sessionmaker for ``database_url`` with these timeouts (settings
+    ``db_connect_timeout``, ``db_timeout``; None: their defaults), made on first use and then
+    shared by the API and the jobs of this process."""
+    key = (database_url, connect_timeout, timeout)
+    with _sessionmakers_lock:
+        sm = _sessionmakers.get(key)
+        if sm is None:
+            sm = make_sessionmaker(make_engine(database_url, connect_timeout=connect_timeout, timeout=timeout))
+            _sessionmakers[key] = sm
+        return sm
 
 
 @contextmanager

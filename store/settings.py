@@ -1,7 +1,11 @@
 """Service settings: one pydantic-settings class read from ``PROMPTSTORE_*`` variables.
 
 Every field is documented next to its default here and in docs/settings.md.
-Inject through ``Depends(get_settings)`` so tests can override it.
+One way to get them: a process reads its environment once, through ``get_settings()``
+(the app factory ``api.app.create_app`` when given none, the worker, the Celery app);
+inside the API a handler gets them from the injected service state
+(``state: ServiceState = Depends(api.deps.get_state)``, ``state.settings``: the
+settings the app was built with, so a test builds an app from its own ``Settings``).
 """
 
 from __future__ import annotations
@@ -46,8 +50,14 @@ class Settings(BaseSettings):
     device: str | None = Field(None, description="torch device; unset: cuda if available else cpu.")
     admin_token: str | None = Field(None, description="Admin bearer token; unset: generated at first start.")
     max_upload_bytes: int = Field(200 * MiB, gt=0, description="Largest accepted request body / dataset zip.")
-    s3_access_key: str | None = Field(None, description="S3 access key for s3:// object stores.")
-    s3_secret_key: str | None = Field(None, description="S3 secret key for s3:// object stores.")
+    object_store_access_key: str | None = Field(
+        None, description="Access key of the object store (its backend reads it); default: s3_access_key.",
+    )
+    object_store_secret_key: str | None = Field(
+        None, description="Secret key of the object store (its backend reads it); default: s3_secret_key.",
+    )
+    s3_access_key: str | None = Field(None, description="Synonym of object_store_access_key (kept, documented).")
+    s3_secret_key: str | None = Field(None, description="Synonym of object_store_secret_key (kept, documented).")
     max_archive_entries: int = Field(10_000, gt=0, description="Most entries a dataset zip may hold.")
     max_expansion_ratio: float = Field(100.0, gt=0, description="Largest uncompressed/compressed ratio.")
     max_image_pixels: int = Field(4096 * 4096, gt=0, description="Largest width*height of one image.")
@@ -164,15 +174,25 @@ class Settings(BaseSettings):
                     "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`) or leave it unset "
                     "to have one generated. Placeholders are only accepted with the embedded SQLite database."
                 )
-        if not self.object_store_url.startswith(("file://", "s3://")):
+        from store.objects import known_schemes, scheme_of, supported_urls
+
+        if scheme_of(self.object_store_url) not in known_schemes():
             raise ValueError(
-                f"PROMPTSTORE_OBJECT_STORE_URL {self.object_store_url!r} is not supported; "
-                "use file://PATH or s3://BUCKET?endpoint=http://HOST:PORT"
+                f"PROMPTSTORE_OBJECT_STORE_URL {self.object_store_url!r} is not supported; use {supported_urls()}"
             )
         return self
+
+    def object_store_credentials(self) -> tuple[str | None, str | None]:
+        """(access key, secret key) of the object store: ``object_store_access_key`` and
+        ``object_store_secret_key``, each falling back to its ``s3_*`` synonym."""
+        return (
+            self.object_store_access_key if self.object_store_access_key is not None else self.s3_access_key,
+            self.object_store_secret_key if self.object_store_secret_key is not None else self.s3_secret_key,
+        )
 
 
 @lru_cache
 def get_settings() -> Settings:
-    """The process-wide settings (cached); use as a FastAPI dependency and override in tests."""
+    """The process-wide settings, read from the environment once (cached; tests that change
+    the environment call ``get_settings.cache_clear()``)."""
     return Settings()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from store.settings import Settings
+from store.settings import get_settings
 
 #: Redis re-delivers an unacknowledged message after this long (default of
 #: ``PROMPTSTORE_BROKER_VISIBILITY_TIMEOUT``); tuning runs must finish well within it (a
@@ -56,6 +56,6 @@ def make_celery(
     return app
 
 
-_settings = Settings()
+_settings = get_settings()
 celery_app = make_celery(_settings.broker_url, _settings.broker_visibility_timeout)
 app = celery_app  # what `celery -A worker.celery_app` looks for

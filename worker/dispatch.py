@@ -8,6 +8,10 @@
   queued runs nobody claimed and re-queues or fails runs whose job stopped renewing its lease.
 
 Callers submit only after the database commit that created the run.
+
+The API and the dashboard know a dispatcher through the ``Dispatcher`` protocol only: its
+``kind``, its ``queue``, ``queue_depth()`` and ``workers_alive()``; ``run_celery_worker`` is
+the other end of the Celery queue (``promptstore worker``).
 """
 
 from __future__ import annotations
@@ -17,11 +21,10 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from store import repo
-from store.db import session_scope
-from worker import runtime
+from store.db import get_sessionmaker, session_scope
 from worker.jobs import JobInterrupted, TransientJobError, mark_failed_after_retries, run_tune_job
 
 if TYPE_CHECKING:
@@ -33,21 +36,50 @@ log = logging.getLogger("promptstore.worker")
 TUNE_TASK_NAME = "promptstore.tune"
 
 
+#: Seconds ``workers_alive`` waits for the Celery workers' ping replies.
+PING_TIMEOUT_S = 1.0
+
+DispatcherKind = Literal["threads", "celery"]
+
+
 class Dispatcher(Protocol):
-    def submit(self, task_id: str, attempt: int) -> None: ...
+    """What gets a tuning run to something that runs it, as the API and the dashboard see it."""
+
+    #: "threads": jobs run in this process; "celery": on the broker, for worker processes.
+    kind: DispatcherKind
+    #: The queue the jobs wait in (the broker queue the workers consume, for Celery).
+    queue: str
+    #: Called with (task_id, version) when a job run by this process publishes a version
+    #: (jobs run elsewhere announce through the database and Redis instead).
+    on_published: Callable[[str, int], None] | None
+
+    def submit(self, task_id: str, attempt: int) -> None:
+        """Send run ``attempt`` of ``task_id``; call it only after the commit that created the
+        run (a lost send leaves the run queued, and the reconciler sends it again)."""
+        ...
 
     def start(self) -> None: ...
 
     def shutdown(self) -> None: ...
 
+    def queue_depth(self) -> int | None:
+        """Jobs sent and not started yet; None when this dispatcher cannot count them.
+        May ask the broker (bounded by its timeouts): call it off the request path."""
+        ...
+
+    def workers_alive(self) -> list[str]:
+        """What runs the jobs now (workers answering a ping, or the in-process pool), for people.
+        May ask the broker and raise when it does not answer: call it off the request path."""
+        ...
+
 
 class CeleryDispatcher:
     """Enqueue on the Celery broker (``settings.broker_url``)."""
 
-    kind = "celery"
+    kind: DispatcherKind = "celery"
 
     def __init__(self, settings: "Settings") -> None:
-        from worker.celery_app import make_celery
+        from worker.celery_app import QUEUE, make_celery
 
         if not settings.broker_url:
             raise ValueError("CeleryDispatcher needs PROMPTSTORE_BROKER_URL")
@@ -56,9 +88,27 @@ class CeleryDispatcher:
         )
         self.timeout = settings.broker_timeout
         self.deadline = settings.broker_deadline
+        self.broker_url = settings.broker_url
+        self.queue = QUEUE
+        self.on_published: Callable[[str, int], None] | None = None  # jobs run in worker processes
 
     def start(self) -> None:
         pass
+
+    def queue_depth(self) -> int | None:
+        """Messages waiting on the broker's queue (Redis: the length of its list)."""
+        import redis
+
+        r = redis.Redis.from_url(self.broker_url, socket_timeout=PING_TIMEOUT_S, socket_connect_timeout=PING_TIMEOUT_S)
+        try:
+            return int(r.llen(self.queue))
+        finally:
+            r.close()
+
+    def workers_alive(self) -> list[str]:
+        """The Celery workers answering a ping within ``PING_TIMEOUT_S``."""
+        replies = self.app.control.inspect(timeout=PING_TIMEOUT_S).ping() or {}
+        return sorted(replies)
 
     def submit(self, task_id: str, attempt: int) -> None:
         """Send the job; every connect and reply waits at most ``broker_timeout``, and attempts
@@ -96,7 +146,8 @@ class ThreadDispatcher:
     """Run jobs in ``settings.job_threads`` threads of this process, retrying transient
     errors a few times with exponential backoff."""
 
-    kind = "threads"
+    kind: DispatcherKind = "threads"
+    queue = "in-process"
 
     def __init__(self, settings: "Settings", *, max_retries: int = 5, backoff_s: float = 1.0) -> None:
         self.settings = settings
@@ -123,11 +174,11 @@ class ThreadDispatcher:
                 )
             if self._reconciler is None:
                 self._reconciler = Reconciler(
-                    self.settings, self._resubmit, sm=runtime.get_sessionmaker(self.settings.database_url)
+                    self.settings, self._resubmit, sm=get_sessionmaker(self.settings.database_url)
                 )
                 self._reconciler.start()
         try:
-            with session_scope(runtime.get_sessionmaker(self.settings.database_url)) as s:
+            with session_scope(get_sessionmaker(self.settings.database_url)) as s:
                 pending = repo.pending_runs(s)
         except Exception:
             log.exception("could not list pending tuning runs; they resume on the next start")
@@ -146,6 +197,17 @@ class ThreadDispatcher:
             fut = self._executor.submit(self._run, task_id, int(attempt))
             self._inflight[key] = fut
         fut.add_done_callback(lambda _f, k=key: self._done(k))
+
+    def queue_depth(self) -> int | None:
+        """Jobs submitted to the pool and waiting for a thread."""
+        with self._lock:
+            return sum(1 for f in self._inflight.values() if not f.running() and not f.done())
+
+    def workers_alive(self) -> list[str]:
+        with self._lock:
+            busy = sum(1 for f in self._inflight.values() if f.running())
+        threads = int(self.settings.job_threads)
+        return [f"in-process pool: {threads} thread(s), {min(busy, threads)} busy"]
 
     def _resubmit(self, task_id: str, attempt: int) -> None:
         """The reconciler's send: a no-op while the pool is stopped (its next start resumes)."""
@@ -203,5 +265,46 @@ class ThreadDispatcher:
             ex.shutdown(wait=wait, cancel_futures=True)
 
 
-def make_dispatcher(settings: "Settings") -> CeleryDispatcher | ThreadDispatcher:
+def make_dispatcher(settings: "Settings") -> Dispatcher:
+    """Celery when a broker is configured, else the in-process thread pool."""
     return CeleryDispatcher(settings) if settings.broker_url else ThreadDispatcher(settings)
+
+
+def run_celery_worker(settings: "Settings", *, concurrency: int = 1, loglevel: str = "INFO") -> None:
+    """Consume the Celery queue in this process (``promptstore worker``; needs ``broker_url``),
+    with the object garbage collector and the run reconciler beside it. Blocks."""
+    from store.consistency import PeriodicCollector
+    from worker.celery_app import QUEUE, celery_app
+    from worker.reconcile import Reconciler
+
+    celery_app.conf.broker_url = settings.broker_url
+    pool = "solo" if concurrency == 1 else "prefork"
+    _preload_backbone_in_job_processes(settings, pool)
+    # the object garbage collector (PROMPTSTORE_GC_INTERVAL; its own connections, opened in its thread)
+    PeriodicCollector.from_settings(settings).start()
+    # the run reconciler (PROMPTSTORE_RECONCILE_INTERVAL_S): re-sends queued runs whose message
+    # was lost, re-queues or fails runs whose worker stopped renewing its lease; safe with many
+    # workers (each decision is a conditional write); its own connections, opened in its thread
+    Reconciler(settings, CeleryDispatcher(settings).submit).start()
+    celery_app.worker_main(
+        ["worker", f"--loglevel={loglevel}", f"--concurrency={concurrency}", f"--pool={pool}", "--without-gossip",
+         "--without-mingle", "-Q", QUEUE]
+    )
+
+
+def _preload_backbone_in_job_processes(settings: "Settings", pool: str) -> None:
+    """Start loading the backbone as soon as a process that runs jobs exists (this one for the
+    solo pool, each child for prefork), in the background: the first job does not pay for the
+    load, and a backbone that cannot load is in the log at start. A job arriving meanwhile waits
+    for the same load; a failed load is tried again by the job, which fails with the reason."""
+    from backbone.holder import BackboneHolder
+
+    def start(**_: Any) -> None:
+        BackboneHolder(settings.backbone, settings.device).start()
+
+    if pool == "solo":
+        start()
+    else:  # Celery kills a child whose init takes over 4 s: the load must not block it
+        from celery.signals import worker_process_init
+
+        worker_process_init.connect(start, weak=False)

@@ -38,15 +38,14 @@ from typing import TYPE_CHECKING, Any
 
 import redis.exceptions
 import sqlalchemy.exc
-import urllib3.exceptions
 
+from backbone.holder import get_backbone
 from store import logcontext, repo
 from store.announce import announce_version
 from store.archive import ArchiveLimits, DatasetError, iter_archive_images
-from store.db import session_scope
-from store.objects import InvalidKey, ObjectNotFound, ObjectStoreError
+from store.db import get_sessionmaker, session_scope
+from store.objects import InvalidKey, ObjectNotFound, ObjectStoreError, get_object_store, transient_errors
 from store.publish import publish_prompt
-from worker import runtime
 
 if TYPE_CHECKING:
     from store.settings import Settings
@@ -64,10 +63,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     sqlalchemy.exc.TimeoutError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
-    urllib3.exceptions.MaxRetryError,
-    urllib3.exceptions.NewConnectionError,
-    urllib3.exceptions.ProtocolError,
-    urllib3.exceptions.TimeoutError,
+    *transient_errors(),  # each object-store backend's transport errors (store.objects.BACKENDS)
     ConnectionError,
     TimeoutError,
 )
@@ -105,7 +101,6 @@ def is_transient(exc: BaseException) -> bool:
 
 @dataclass
 class _RunInput:
-    tenant_id: str
     method: str
     config: dict[str, Any]
     classes: list[str]
@@ -148,7 +143,7 @@ def _run(
     stop_event: threading.Event | None,
     on_published: Callable[[str, int], None] | None = None,
 ) -> str:
-    sm = runtime.get_sessionmaker(settings.database_url)
+    sm = get_sessionmaker(settings.database_url)
     owner = repo.new_lease_owner()
     with session_scope(sm) as s:
         task = repo.claim_run(s, task_id, attempt, owner=owner, lease_s=settings.run_lease_s)
@@ -164,7 +159,6 @@ def _run(
             ds = repo.get_dataset(s, task.dataset_id, tenant_id=task.tenant_id)
             dataset_key = ds.object_key if ds is not None else None
         run = _RunInput(
-            tenant_id=task.tenant_id,
             method=task.method,
             config=dict(task.config or {}),
             classes=list(task.classes or []),
@@ -276,8 +270,8 @@ def _tune_and_publish(
 
     from backbone import Cancelled, tune, validate_config
 
-    objects = runtime.get_object_store(settings)
-    backbone = runtime.get_backbone(settings.backbone, settings.device)
+    objects = get_object_store(settings)
+    backbone = get_backbone(settings.backbone, settings.device)
     config = validate_config(run.method, run.config)
     monitor = _Monitor(sm, task_id, attempt, stop_event, lease)
 
@@ -426,7 +420,7 @@ def mark_failed_after_retries(task_id: str, attempt: int, *, settings: "Settings
     """Best effort: the job gave up after its retries; say so on the task."""
     what = type(exc).__name__ if exc is not None else "a transient error"
     try:
-        sm = runtime.get_sessionmaker(settings.database_url)
+        sm = get_sessionmaker(settings.database_url)
         with session_scope(sm) as s:
             repo.fail_run(
                 s, task_id, attempt,

@@ -11,18 +11,19 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from api.engine import EngineStats, Inference
 from api.state import ServiceState
-from worker.runtime import BackboneNotReady
+from backbone.holder import BackboneNotReady
+
+if TYPE_CHECKING:
+    from worker.dispatch import Dispatcher
 
 log = logging.getLogger("promptstore.api")
 
 #: How long a broker probe answer is shown before the next probe starts.
 PROBE_INTERVAL_S = 10.0
-#: Celery ping timeout (the probe thread waits this long for workers to answer).
-PING_TIMEOUT_S = 1.0
 #: Window of the request rate.
 RATE_WINDOW_S = 60.0
 
@@ -68,12 +69,10 @@ def cache_info(inference: Inference) -> dict[str, Any]:
 
 @dataclass
 class BrokerProbe:
-    """Broker queue length and the Celery workers answering a ping, refreshed in a
-    background thread at most every ``PROBE_INTERVAL_S``."""
+    """A remote dispatcher's queue depth and live workers (``Dispatcher.queue_depth``,
+    ``workers_alive``), refreshed in a background thread at most every ``PROBE_INTERVAL_S``."""
 
-    broker_url: str
-    celery_app: Any
-    queue: str
+    dispatcher: "Dispatcher"
     result: dict[str, Any] = field(default_factory=lambda: {"checked_at": None})
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _running: bool = False
@@ -89,18 +88,11 @@ class BrokerProbe:
     def _probe(self) -> None:
         out: dict[str, Any] = {"queue_length": None, "queue_error": None, "workers": [], "workers_error": None}
         try:
-            import redis
-
-            r = redis.Redis.from_url(self.broker_url, socket_timeout=PING_TIMEOUT_S, socket_connect_timeout=PING_TIMEOUT_S)
-            try:
-                out["queue_length"] = int(r.llen(self.queue))
-            finally:
-                r.close()
+            out["queue_length"] = self.dispatcher.queue_depth()
         except Exception as exc:
             out["queue_error"] = f"broker unreachable ({type(exc).__name__})"
         try:
-            replies = self.celery_app.control.inspect(timeout=PING_TIMEOUT_S).ping() or {}
-            out["workers"] = sorted(replies)
+            out["workers"] = self.dispatcher.workers_alive()
         except Exception as exc:
             out["workers_error"] = f"no answer ({type(exc).__name__})"
         out["checked_at"] = time.time()
@@ -141,14 +133,14 @@ def served_requests(state: ServiceState) -> float:
 
 def jobs_info(state: ServiceState, runs: dict[str, int], probe: BrokerProbe | None) -> dict[str, Any]:
     """Queue depth and workers: the in-process thread pool, or the Celery broker and workers."""
-    kind = getattr(state.dispatcher, "kind", "unknown")
-    info: dict[str, Any] = {"kind": kind, "queued_runs": runs["queued"], "running_runs": runs["running"]}
-    if kind == "threads" or probe is None:
-        threads = int(state.settings.job_threads)
+    dispatcher = state.dispatcher
+    info: dict[str, Any] = {"kind": dispatcher.kind, "queued_runs": runs["queued"], "running_runs": runs["running"]}
+    if dispatcher.kind == "threads" or probe is None:  # in this process: asked at once
+        depth = dispatcher.queue_depth()
         info.update(
-            queue_depth=runs["queued"],
+            queue_depth=depth if depth is not None else runs["queued"],
             queue_note="runs waiting for a job thread",
-            workers=[f"in-process pool: {threads} thread(s), {min(runs['running'], threads)} busy"],
+            workers=dispatcher.workers_alive(),
             workers_note=None,
         )
         return info

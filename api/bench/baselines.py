@@ -172,9 +172,9 @@ def naive_app(settings: "Settings", checkpoint: Path) -> tuple["FastAPI", NaiveS
 
     from api.app import create_app
     from backbone import load_backbone
-    from worker import runtime
+    from store.objects import get_object_store
 
     bb = load_backbone(settings.backbone, settings.device)
     save_model(bb.model, str(checkpoint))
-    server = NaiveServer(bb, runtime.get_object_store(settings), checkpoint)
+    server = NaiveServer(bb, get_object_store(settings), checkpoint)
     return create_app(settings, inference=server), server

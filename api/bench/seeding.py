@@ -99,10 +99,11 @@ def seed_tasks(
     from store import repo
     from store.db import session_scope
     from store.publish import publish_prompt
-    from worker import runtime
+    from store.db import get_sessionmaker
+    from store.objects import get_object_store
 
-    sm = runtime.get_sessionmaker(settings.database_url)
-    objects = runtime.get_object_store(settings)
+    sm = get_sessionmaker(settings.database_url)
+    objects = get_object_store(settings)
     keys = []
     run = secrets.token_hex(3)
     with session_scope(sm) as s:

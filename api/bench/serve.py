@@ -150,9 +150,9 @@ def _serving_refs(settings: "Settings", tasks: list[SeededTask]) -> list["Servin
     from api.engine import ServingRef
     from store import repo
     from store.db import session_scope
-    from worker import runtime
+    from store.db import get_sessionmaker
 
-    sm = runtime.get_sessionmaker(settings.database_url)
+    sm = get_sessionmaker(settings.database_url)
     refs = []
     with session_scope(sm) as s:
         for t in tasks:
@@ -193,9 +193,9 @@ def own_residents(bb: "Backbone", settings: "Settings", tasks: list[SeededTask])
     """The first task of each method as a resident prompt of the bench's own, loaded from the
     store and prepared on ``bb`` as the engine does (for the in-process references)."""
     from backbone import load_prompt, prepare_resident
-    from worker import runtime
+    from store.objects import get_object_store
 
-    objects = runtime.get_object_store(settings)
+    objects = get_object_store(settings)
     out: dict[str, ResidentPrompt] = {}
     for ref in _serving_refs(settings, tasks):
         if ref.method not in out:
@@ -269,7 +269,7 @@ def run(
     from backbone import forward_mixed
     from store.migrate import upgrade
     from store.settings import Settings
-    from worker import runtime
+    from backbone.holder import get_backbone
 
     if threads:
         torch.set_num_threads(threads)
@@ -282,7 +282,7 @@ def run(
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="promptstore-bench-serve-") as tmp:
         root = Path(tmp)
-        bb = runtime.get_backbone(backbone, device)
+        bb = get_backbone(backbone, device)
         dev = bb.device
         if max_batch is None:  # on a CPU, images/s barely grows past 16: shorter batches, finer timing
             max_batch = 256 if dev.type == "cuda" else 16

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import torch
 
     from backbone import ResidentPrompt
-    from worker.runtime import BackboneHolder
+    from backbone.holder import BackboneHolder
 
 log = logging.getLogger("promptstore.engine")
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from backbone import Backbone, ResidentPrompt
     from store.objects import ObjectStore
-    from worker.runtime import BackboneHolder
+    from backbone.holder import BackboneHolder
 
 
 class Engine:

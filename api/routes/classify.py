@@ -21,7 +21,7 @@ from api.images import decode_images, read_image_payloads
 from api.engine import PromptUnavailable, QueueFull, ServingRef, StaleVersion
 from api.schemas import ClassifyResponse, ErrorOut
 from api.state import ServiceState
-from worker.runtime import BackboneNotReady
+from backbone.holder import BackboneNotReady
 from store import repo
 from store.db import session_scope
 from store.models import READY

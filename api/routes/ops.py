@@ -16,7 +16,8 @@ from sqlalchemy import text
 from api.deps import get_state
 from api.schemas import ErrorOut
 from api.state import ServiceState
-from worker.runtime import BackboneNotReady, public_text
+from backbone.errors import public_text
+from backbone.holder import BackboneNotReady
 from store.db import session_scope
 from store.timeouts import DATABASE, OBJECT_STORE, RETRY_AFTER_S, format_seconds
 
@@ -119,7 +120,7 @@ def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
         "status": "ready" if not failures else "not ready",
         "checks": checks,
         "backbone": backbone,
-        "jobs": getattr(state.dispatcher, "kind", "unknown"),
+        "jobs": state.dispatcher.kind,
         "engine": state.inference.stats(),
     }
     if failures:

@@ -183,7 +183,7 @@ def test_a_zeroshot_retrain_with_a_long_custom_template_is_refused(api: Api, ten
 def test_no_tokenizer_answers_503_rather_than_skipping_the_check() -> None:
     from api.errors import ApiError
     from api.routes.tasks import text_tokens
-    from worker.runtime import BackboneHolder
+    from backbone.holder import BackboneHolder
 
     class State:  # a holder that never loaded, for a spec whose tokenizer cannot be built
         backbone = BackboneHolder("open_clip:no-such-arch:random", "cpu")

@@ -13,7 +13,9 @@ from apiclient import ADMIN, TEST_ADMIN_TOKEN, _one_torch_thread, make_api
 from api.app import create_app
 from api.bench.harness import ServerThread
 from api.bench.seeding import SeededTask, seed_tasks
-from worker import runtime
+from backbone.holder import get_backbone
+from store.db import get_sessionmaker
+from store.objects import get_object_store
 
 __all__ = ["ADMIN", "TEST_ADMIN_TOKEN", "_one_torch_thread", "make_api", "serve", "seed"]
 
@@ -46,7 +48,7 @@ def seed() -> Callable[..., list[SeededTask]]:
     """``seed(settings, n, methods, tenants=2, classes=3) -> [SeededTask]``: ready tasks, version 1."""
 
     def make(settings: Any, n: int, methods: list[str], tenants: int = 2, classes: int = 3) -> list[SeededTask]:
-        bb = runtime.get_backbone(settings.backbone, settings.device)
+        bb = get_backbone(settings.backbone, settings.device)
         return seed_tasks(settings, bb, n_tasks=n, n_tenants=tenants, methods=methods, n_classes=classes)
 
     return make

@@ -17,7 +17,9 @@ from psdata import dataset_zip, image_bytes
 
 from api.engine import ServingRef, StaleVersion
 from backbone import load_prompt, prepare_resident
-from worker import runtime
+from backbone.holder import get_backbone
+from store.db import get_sessionmaker
+from store.objects import get_object_store
 
 
 
@@ -25,11 +27,11 @@ def _resident_nbytes(settings: Any, task_id: str) -> int:
     from store import repo
     from store.db import session_scope
 
-    bb = runtime.get_backbone(settings.backbone, settings.device)
-    with session_scope(runtime.get_sessionmaker(settings.database_url)) as s:
+    bb = get_backbone(settings.backbone, settings.device)
+    with session_scope(get_sessionmaker(settings.database_url)) as s:
         task = repo.get_task_for_job(s, task_id)
         key = repo.get_served_version(s, task_id, tenant_id=task.tenant_id).object_key  # type: ignore[union-attr]
-    return prepare_resident(bb, load_prompt(runtime.get_object_store(settings).get(key), bb)).nbytes
+    return prepare_resident(bb, load_prompt(get_object_store(settings).get(key), bb)).nbytes
 
 
 def test_cache_never_exceeds_its_byte_budget(settings_factory: Any, serve: Any, seed: Any) -> None:

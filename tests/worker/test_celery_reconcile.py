@@ -57,18 +57,18 @@ def api(settings: Any) -> Iterator[Api]:
 def _row(settings: Any, task_id: str) -> Any:
     from store import repo
     from store.db import session_scope
-    from worker import runtime
+    from store.db import get_sessionmaker
 
-    with session_scope(runtime.get_sessionmaker(settings.database_url)) as s:
+    with session_scope(get_sessionmaker(settings.database_url)) as s:
         return repo.get_task_for_job(s, task_id)
 
 
 def test_a_run_committed_but_never_sent_is_sent_by_the_worker(settings: Any, api: Api, tmp_path: Any) -> None:
     from store import repo
     from store.db import session_scope
-    from worker import runtime
+    from store.db import get_sessionmaker
 
-    with session_scope(runtime.get_sessionmaker(settings.database_url)) as s:  # the API died before the send
+    with session_scope(get_sessionmaker(settings.database_url)) as s:  # the API died before the send
         tenant, _ = repo.create_tenant(s, f"t-{uuid.uuid4().hex[:8]}")
         tid = repo.create_task(
             s, tenant_id=tenant.id, name="z", method="zeroshot", config={}, classes=["cat", "dog"]

@@ -54,9 +54,9 @@ def api(stack: tuple[Any, Process]) -> Iterator[Api]:
 def _versions(settings: Any, task_id: str) -> list[Any]:
     from store import repo
     from store.db import session_scope
-    from worker import runtime
+    from store.db import get_sessionmaker
 
-    with session_scope(runtime.get_sessionmaker(settings.database_url)) as s:
+    with session_scope(get_sessionmaker(settings.database_url)) as s:
         task = repo.get_task_for_job(s, task_id)
         assert task is not None
         return [(v.version, v.object_key) for v in repo.list_versions(s, task_id, tenant_id=task.tenant_id)]
@@ -204,7 +204,7 @@ def test_retries_used_up_fail_the_task_with_a_readable_reason(settings_factory: 
     from store import repo
     from store.db import session_scope
     from store.settings import get_settings
-    from worker import runtime
+    from store.db import get_sessionmaker
     from worker.jobs import TransientJobError
     from worker.tasks import tune
 
@@ -212,7 +212,7 @@ def test_retries_used_up_fail_the_task_with_a_readable_reason(settings_factory: 
     monkeypatch.setenv("PROMPTSTORE_DATABASE_URL", settings.database_url)
     monkeypatch.setenv("PROMPTSTORE_OBJECT_STORE_URL", settings.object_store_url)
     get_settings.cache_clear()
-    sm = runtime.get_sessionmaker(settings.database_url)
+    sm = get_sessionmaker(settings.database_url)
     with session_scope(sm) as s:
         tenant, _ = repo.create_tenant(s, "retry-tenant")
         task = repo.create_task(s, tenant_id=tenant.id, name="t", method="zeroshot", config={}, classes=["a", "b"])

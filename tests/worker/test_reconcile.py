@@ -170,7 +170,7 @@ def fast_settings(settings_factory: Any, backend: str) -> Any:
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_serve_sends_a_run_committed_but_never_enqueued(backend: str, settings_factory: Any, caplog: Any) -> None:
-    from worker import runtime
+    from store.db import get_sessionmaker
     from worker.dispatch import ThreadDispatcher
 
     caplog.set_level(logging.INFO, logger="promptstore.worker")
@@ -178,7 +178,7 @@ def test_serve_sends_a_run_committed_but_never_enqueued(backend: str, settings_f
     dispatcher = ThreadDispatcher(settings)
     dispatcher.start()  # started before the commit: its start-up resubmission cannot see the run
     try:
-        sm = runtime.get_sessionmaker(settings.database_url)
+        sm = get_sessionmaker(settings.database_url)
         _, tid = new_task(sm)  # committed as queued; the API "died" before the send
         t = wait_until(lambda: (r := row(sm, tid)).status == READY and r, what="the run to be sent and tuned")
         assert (t.version, t.attempt, t.lease_owner, t.requeues) == (1, 1, None, 0)
@@ -189,12 +189,12 @@ def test_serve_sends_a_run_committed_but_never_enqueued(backend: str, settings_f
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_serve_requeues_a_run_whose_job_stopped(backend: str, settings_factory: Any, caplog: Any) -> None:
-    from worker import runtime
+    from store.db import get_sessionmaker
     from worker.dispatch import ThreadDispatcher
 
     caplog.set_level(logging.INFO, logger="promptstore.worker")
     settings = fast_settings(settings_factory, backend)
-    sm = runtime.get_sessionmaker(settings.database_url)
+    sm = get_sessionmaker(settings.database_url)
     _, tid = new_task(sm)
     with session_scope(sm) as s:  # a job claimed it, then its thread (or process) stopped dead
         assert repo.claim_run(s, tid, 1, owner="stopped-thread", lease_s=60) is not None
@@ -221,9 +221,9 @@ def test_a_job_that_lost_its_lease_stops_without_publishing(settings_factory: An
         tenant, "coop", dataset=dataset_zip(CLASSES, per_class=3), config={"epochs": 10_000, "n_ctx": 2}
     ).json()["id"]
     api.wait(tenant, tid, lambda t: t["status"] == "running" and t["progress"] > 0, timeout=120)
-    from worker import runtime
+    from store.db import get_sessionmaker
 
-    sm = runtime.get_sessionmaker(settings.database_url)
+    sm = get_sessionmaker(settings.database_url)
     first = row(sm, tid).lease_owner
     with session_scope(sm) as s:  # the first execution's lease expired (it froze) ...
         s.execute(update(Task).where(Task.id == tid).values(lease_expires_at=utcnow()))

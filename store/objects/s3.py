@@ -1,216 +1,22 @@
-"""Object store: S3 (minio client) or local files, behind one small interface.
-
-Keys are relative, '/'-separated, made of ``[A-Za-z0-9._-]`` segments that do not start
-with a dot; anything else (``..``, absolute paths, backslashes, empty segments) is refused
-with ``InvalidKey`` so no key can escape the store. Content-addressed layout:
-
-- ``prompts/{tenant_id}/{task_id}/{sha256}.safetensors``
-- ``datasets/{tenant_id}/{sha256}.zip``
-"""
+"""``s3://bucket?endpoint=http://host:port[&region=R][&secure=true|false]``: objects in an S3
+bucket through the ``minio`` client."""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
-import hashlib
 import io
-import os
-import re
-import tempfile
 import threading
 import time
-from collections.abc import Callable
-from pathlib import Path
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
-from store.timeouts import OBJECT_STORE, DependencyTimeout
+import urllib3.exceptions
+
+from store.objects.base import ObjectInfo, ObjectNotFound, ObjectStoreError, ObjectStoreTimeout, validate_key
 
 if TYPE_CHECKING:
     from store.settings import Settings
-
-
-class ObjectStoreError(Exception):
-    """The object store failed or was misconfigured; the message names the store, never a secret."""
-
-
-class ObjectNotFound(ObjectStoreError, LookupError):
-    """No object under that key."""
-
-
-class InvalidKey(ObjectStoreError, ValueError):
-    """A key that is not a plain relative path inside the store."""
-
-
-class ObjectStoreTimeout(DependencyTimeout, ObjectStoreError):
-    """The object store did not answer within its deadline (``s3_deadline``); the API answers 503."""
-
-    def __init__(self, seconds: float) -> None:
-        DependencyTimeout.__init__(self, OBJECT_STORE, seconds)
-
-
-_SEGMENT = r"[A-Za-z0-9_-][A-Za-z0-9._-]*"
-_KEY_RE = re.compile(rf"^{_SEGMENT}(/{_SEGMENT})*$")
-MAX_KEY_LENGTH = 1024
-
-
-def validate_key(key: str) -> str:
-    """Return ``key`` if it is a safe relative key, else raise ``InvalidKey``."""
-    if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH or not _KEY_RE.match(key):
-        raise InvalidKey(
-            f"invalid object key {key!r}: use '/'-separated segments of letters, digits, '.', '_', '-' "
-            "that do not start with '.'"
-        )
-    return key
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def prompt_key(tenant_id: str, task_id: str, sha256: str) -> str:
-    return validate_key(f"prompts/{tenant_id}/{task_id}/{sha256}.safetensors")
-
-
-def dataset_key(tenant_id: str, sha256: str) -> str:
-    return validate_key(f"datasets/{tenant_id}/{sha256}.zip")
-
-
-@dataclasses.dataclass(frozen=True)
-class ObjectInfo:
-    """One stored object as ``list``/``stat`` see it; ``last_modified`` is timezone-aware UTC and
-    moves forward on every ``put`` (a put always rewrites, even the same bytes under the same key:
-    the garbage collector's grace period counts from it)."""
-
-    key: str
-    size: int
-    last_modified: dt.datetime
-
-
-@runtime_checkable
-class ObjectStore(Protocol):
-    #: Where the objects live, for logs and /readyz (never contains credentials).
-    location: str
-
-    def put(self, key: str, data: bytes) -> None: ...
-
-    def get(self, key: str) -> bytes: ...
-
-    def delete(self, key: str) -> None: ...
-
-    def exists(self, key: str) -> bool: ...
-
-    def ping(self) -> None: ...
-
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Every object whose key starts with ``prefix``, in no particular order."""
-        ...
-
-    def stat(self, key: str) -> ObjectInfo | None:
-        """The object's size and last-modified time, or None when there is none."""
-        ...
-
-
-class LocalObjectStore:
-    """Objects as files under ``root``; writes are atomic (temp file in the same folder, fsync,
-    ``os.replace``), so readers see the old object or the new one, never a partial one."""
-
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(os.path.realpath(Path(root).expanduser()))
-        self.location = f"file://{self.root}"
-
-    def _path(self, key: str) -> Path:
-        validate_key(key)
-        path = Path(os.path.realpath(self.root / key))
-        if path != self.root and self.root not in path.parents:
-            raise InvalidKey(f"invalid object key {key!r}: resolves outside the store")
-        return path
-
-    def put(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-
-    def get(self, key: str) -> bytes:
-        path = self._path(key)
-        try:
-            return path.read_bytes()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise ObjectNotFound(f"no object {key!r} in {self.location}") from None
-
-    def delete(self, key: str) -> None:
-        """Remove the object (missing is fine) and the folders it leaves empty."""
-        path = self._path(key)
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            return
-        parent = path.parent
-        while parent != self.root and self.root in parent.parents:
-            try:
-                parent.rmdir()
-            except OSError:
-                break
-            parent = parent.parent
-
-    def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
-
-    def ping(self) -> None:
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ObjectStoreError(f"object store {self.location} cannot be created: {exc.strerror}") from None
-        if not os.access(self.root, os.W_OK | os.X_OK):
-            raise ObjectStoreError(f"object store {self.location} is not writable")
-
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Objects under the keys starting with ``prefix``; temp files of writes in progress
-        (names starting with a dot) are not objects and are skipped."""
-        start = self.root
-        if "/" in prefix:
-            start = self._path(prefix.rsplit("/", 1)[0])
-        if not start.is_dir():
-            return
-        for dirpath, dirnames, filenames in os.walk(start):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            rel = Path(dirpath).relative_to(self.root).as_posix()
-            for name in filenames:
-                if name.startswith("."):
-                    continue
-                key = name if rel == "." else f"{rel}/{name}"
-                if not key.startswith(prefix):
-                    continue
-                try:
-                    info = self.stat(key)
-                except InvalidKey:  # not written by the store (odd characters): not one of its objects
-                    continue
-                if info is not None:
-                    yield info
-
-    def stat(self, key: str) -> ObjectInfo | None:
-        import stat as stat_mod
-
-        try:
-            st = self._path(key).stat()
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        if not stat_mod.S_ISREG(st.st_mode):
-            return None
-        return ObjectInfo(key, st.st_size, dt.datetime.fromtimestamp(st.st_mtime, tz=dt.timezone.utc))
 
 
 _MISSING_CODES = frozenset({"NoSuchKey", "NoSuchObject", "NoSuchBucket", "ResourceNotFound"})
@@ -248,6 +54,15 @@ def _DeadlinePoolManager(store: "S3ObjectStore", **kwargs: Any) -> Any:
 
 class S3ObjectStore:
     """Objects in an S3 bucket through the ``minio`` client; the bucket is created if absent."""
+
+    scheme: ClassVar[str] = "s3"
+    #: The HTTP transport's "could not reach / no answer" errors (minio speaks through urllib3).
+    transient_errors: ClassVar[tuple[type[BaseException], ...]] = (
+        urllib3.exceptions.MaxRetryError,
+        urllib3.exceptions.NewConnectionError,
+        urllib3.exceptions.ProtocolError,
+        urllib3.exceptions.TimeoutError,
+    )
 
     def __init__(
         self,
@@ -300,9 +115,25 @@ class S3ObjectStore:
 
     @classmethod
     def from_url(
-        cls, url: str, *, access_key: str | None = None, secret_key: str | None = None, **timeouts: Any
+        cls,
+        url: str,
+        settings: "Settings | None" = None,
+        *,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        **timeouts: Any,
     ) -> "S3ObjectStore":
-        """``s3://bucket?endpoint=http://host:port[&region=R][&secure=true|false]``."""
+        """``s3://bucket?endpoint=http://host:port[&region=R][&secure=true|false]``; the
+        credentials and timeouts not given come from ``settings`` (the object store's access
+        and secret keys, ``s3_*`` timeouts)."""
+        if settings is not None:
+            default_access, default_secret = settings.object_store_credentials()
+            access_key = access_key if access_key is not None else default_access
+            secret_key = secret_key if secret_key is not None else default_secret
+            timeouts = {
+                "connect_timeout": settings.s3_connect_timeout, "read_timeout": settings.s3_read_timeout,
+                "retries": settings.s3_retries, "deadline": settings.s3_deadline, **timeouts,
+            }
         parts = urlsplit(url)
         if parts.scheme != "s3" or not parts.netloc:
             raise ObjectStoreError(f"{url!r} is not an s3:// URL; expected s3://bucket?endpoint=http://host:port")
@@ -511,31 +342,3 @@ class S3ObjectStore:
             modified = modified.replace(tzinfo=dt.timezone.utc)
         return ObjectInfo(key, int(st.size or 0), modified)
 
-
-def open_object_store(
-    settings_or_url: "Settings | str", access_key: str | None = None, secret_key: str | None = None
-) -> ObjectStore:
-    """The store for ``file://PATH`` (relative paths against the cwd) or
-    ``s3://bucket?endpoint=...``; credentials default to the settings' S3 keys."""
-    if isinstance(settings_or_url, str):
-        url = settings_or_url
-    else:
-        url = settings_or_url.object_store_url
-        access_key = access_key if access_key is not None else settings_or_url.s3_access_key
-        secret_key = secret_key if secret_key is not None else settings_or_url.s3_secret_key
-    if url.startswith("file://"):
-        path = url[len("file://") :]
-        if not path:
-            raise ObjectStoreError("file:// object store URL needs a path, e.g. file://./var/objects")
-        return LocalObjectStore(path)
-    if url.startswith("s3://"):
-        timeouts: dict[str, Any] = {}
-        if not isinstance(settings_or_url, str):
-            timeouts = dict(
-                connect_timeout=settings_or_url.s3_connect_timeout, read_timeout=settings_or_url.s3_read_timeout,
-                retries=settings_or_url.s3_retries, deadline=settings_or_url.s3_deadline,
-            )
-        return S3ObjectStore.from_url(url, access_key=access_key, secret_key=secret_key, **timeouts)
-    raise ObjectStoreError(
-        f"unsupported object store URL {url!r}; use file://PATH or s3://BUCKET?endpoint=http://HOST:PORT"
-    )

@@ -1,35 +1,27 @@
-"""Per-process resources shared by every job (and by the API in the same process).
+"""The process's backbone: loaded once per ``(spec, device)`` and kept, never per job or
+request; shared by the API and the job runners of the same process.
 
-The backbone is loaded once per process and kept (keyed by spec and device),
-never per job; database engines and object stores are likewise opened once
-per URL.
+``BackboneHolder`` starts the load in a background thread so that a process answers (and
+says "loading") while big weights load.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from sqlalchemy.orm import Session, sessionmaker
-
-from store.db import make_engine, make_sessionmaker
-from store.objects import ObjectStore, open_object_store
+from .errors import public_reason
 
 if TYPE_CHECKING:
-    from backbone import Backbone
-    from store.settings import Settings
+    from .loading import Backbone
 
-log = logging.getLogger("promptstore.worker")
-_backbone_log = logging.getLogger("promptstore.backbone")
+log = logging.getLogger("promptstore.backbone")
 
 _lock = threading.Lock()
 _backbone_locks: dict[tuple[str, str | None], threading.Lock] = {}
 _backbones: dict[tuple[str, str | None], "Backbone"] = {}
-_sessionmakers: dict[tuple[str, float | None, float | None], sessionmaker[Session]] = {}
-_object_stores: dict[tuple[object, ...], ObjectStore] = {}
 
 
 def get_backbone(spec: str, device: str | None = None) -> "Backbone":
@@ -47,7 +39,7 @@ def get_backbone(spec: str, device: str | None = None) -> "Backbone":
     with load_lock:
         bb = _backbones.get(key)
         if bb is None:
-            from backbone import load_backbone
+            from .loading import load_backbone
 
             bb = load_backbone(spec, device)
             if getattr(bb, "weights", None) == "random":
@@ -65,51 +57,6 @@ def get_backbone(spec: str, device: str | None = None) -> "Backbone":
 def loaded_backbone(spec: str, device: str | None = None) -> "Backbone | None":
     """The backbone if this process has loaded it already, else None (never loads)."""
     return _backbones.get((spec, device))
-
-
-def get_sessionmaker(
-    database_url: str, *, connect_timeout: float | None = None, timeout: float | None = None
-) -> sessionmaker[Session]:
-    """The process's sessionmaker for ``database_url`` with these timeouts (settings
-    ``db_connect_timeout``, ``db_timeout``; None: their defaults)."""
-    key = (database_url, connect_timeout, timeout)
-    with _lock:
-        sm = _sessionmakers.get(key)
-        if sm is None:
-            sm = make_sessionmaker(make_engine(database_url, connect_timeout=connect_timeout, timeout=timeout))
-            _sessionmakers[key] = sm
-        return sm
-
-
-def get_object_store(settings: "Settings") -> ObjectStore:
-    key = (
-        settings.object_store_url, settings.s3_access_key, settings.s3_connect_timeout, settings.s3_read_timeout,
-        settings.s3_retries, settings.s3_deadline,
-    )
-    with _lock:
-        objects = _object_stores.get(key)
-        if objects is None:
-            objects = open_object_store(settings)
-            _object_stores[key] = objects
-        return objects
-
-
-#: An absolute path (POSIX or Windows) standing alone or after ':' or '=' (not a URL's '//').
-_PATH = re.compile(r"""(?:(?<=^)|(?<=[\s:='"(]))(?:/(?!/)|[A-Za-z]:\\)[^\s'"(),;]+""")
-_URL_CREDENTIALS = re.compile(r"(\w+://)[^/\s@]+@")
-
-
-def public_reason(exc: BaseException) -> str:
-    """``exc``'s message fit for a client (see ``public_text``)."""
-    return public_text(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-
-
-def public_text(msg: str) -> str:
-    """``msg`` fit for a client: no server path (a path is shortened to its last part) and no
-    credentials in URLs; at most 300 characters."""
-    msg = _URL_CREDENTIALS.sub(r"\1", msg)
-    msg = _PATH.sub(lambda m: ".../" + re.split(r"[\\/]", m.group(0).rstrip("\\/"))[-1], msg)
-    return msg[:300]
 
 
 class BackboneNotReady(Exception):
@@ -139,7 +86,7 @@ class BackboneHolder:
         try:
             bb = get_backbone(self.spec, self.device)
         except Exception as exc:  # BackboneError and the like: said in /readyz and the log
-            _backbone_log.error("backbone %s failed to load: %s", self.spec, exc)
+            log.error("backbone %s failed to load: %s", self.spec, exc)
             self._error = public_reason(exc)
             self._done.set()
             return
