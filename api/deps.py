@@ -1,4 +1,4 @@
-"""FastAPI dependencies: settings, service state, database session, current tenant, admin."""
+"""FastAPI dependencies: service state (settings: ``state.settings``), session, tenant, admin."""
 
 from __future__ import annotations
 
@@ -17,11 +17,10 @@ from api.ratelimit import Limit, client_address
 from api.state import ServiceState
 from store import logcontext, repo
 from store.db import session_scope
-from store.settings import Settings
 
 __all__ = [
     "CurrentTenant", "DbSession", "admin_attempt", "authenticate", "bearer", "current_tenant", "get_session",
-    "get_settings", "get_state", "job_submitter", "require_admin", "take_classify",
+    "get_state", "job_submitter", "require_admin", "take_classify",
 ]
 
 log = logging.getLogger("promptstore.api")
@@ -33,12 +32,6 @@ _AUTH_HEADERS = {"WWW-Authenticate": "Bearer"}
 
 def get_state(request: Request) -> ServiceState:
     return request.app.state.ps
-
-
-def get_settings(state: ServiceState = Depends(get_state)) -> Settings:
-    """The settings the app was built with. Not a ``dependency_overrides`` entry: while any
-    override exists FastAPI re-analyses every dependency's signature on every request."""
-    return state.settings
 
 
 def get_session(state: ServiceState = Depends(get_state)) -> Iterator[Session]:

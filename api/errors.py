@@ -37,6 +37,11 @@ class ApiError(Exception):
         self.headers = headers
 
 
+def input_status(exc: DatasetError | ImageError | InputError) -> int:
+    """The HTTP status of a refused input from the store: 413 over a size limit, else 422."""
+    return 413 if exc.over_limit else 422
+
+
 class BodyTooLarge(StarletteHTTPException):
     """Raised by the body-size guard while a request body is streamed in. An HTTPException, so
     that the framework's own body parsing (forms, JSON) passes it on as the 413 it is."""
@@ -129,15 +134,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(InputError)
     async def _input_error(_: Request, exc: InputError) -> JSONResponse:
-        return error_response(exc.status_code, exc.message)
+        return error_response(input_status(exc), exc.message)
 
     @app.exception_handler(DatasetError)
     async def _dataset_error(_: Request, exc: DatasetError) -> JSONResponse:
-        return error_response(exc.status_code, f"invalid dataset: {exc}")
+        return error_response(input_status(exc), f"invalid dataset: {exc}")
 
     @app.exception_handler(ImageError)
     async def _image_error(_: Request, exc: ImageError) -> JSONResponse:
-        return error_response(exc.status_code, str(exc))
+        return error_response(input_status(exc), str(exc))
 
     @app.exception_handler(BodyTooLarge)
     async def _too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
-from api.errors import ApiError
+from api.errors import ApiError, input_status
 from store import textinput
 from store.images import ImageError, decode_image
 
@@ -102,5 +102,5 @@ def decode_images(payloads: list[bytes], max_pixels: int) -> list[Image.Image]:
         try:
             out.append(decode_image(data, max_pixels=max_pixels, name=f"images[{i}]"))
         except ImageError as exc:
-            raise ApiError(exc.status_code, str(exc)) from None
+            raise ApiError(input_status(exc), str(exc)) from None
     return out

@@ -110,14 +110,13 @@ def task_public(task: Any) -> TaskPublic:
     """The task as the API shows it. Whatever is stored fits the model: JSON columns are read
     safe (``store.textinput.loads_stored``), and a value of the wrong shape shows as empty."""
     training = None
-    if isinstance(task.training, dict):
-        t = task.training
-        err = t.get("error")
+    run = task.run  # store.models.RunView: shown under ``training`` while it is a retrain's
+    if run.is_retrain and run.status is not None:
+        err = run.error
         training = TrainingState(
-            status=str(t.get("status")), progress=_fraction(t.get("progress")),
+            status=str(run.status), progress=run.progress,
             error=err if isinstance(err, str) or err is None else str(err),
-            config=task.config if isinstance(task.config, dict) else {},
-            dataset_id=task.dataset_id,
+            config=run.config, dataset_id=run.dataset_id,
         )
     history = task.history if isinstance(task.history, list) and all(isinstance(h, dict) for h in task.history) else None
     confusion = task.confusion
@@ -147,10 +146,6 @@ def task_public(task: Any) -> TaskPublic:
 
 
 # --------------------------------------------------------------------------- classify
-
-
-class ClassifyJSON(BaseModel):
-    images: list[str] = Field(description="Base64-encoded images (PNG, JPEG, WebP, BMP, GIF).")
 
 
 class Prediction(BaseModel):

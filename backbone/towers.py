@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import BackboneError
@@ -224,6 +223,3 @@ class TextAdapter:
     def encode(self, tokens: torch.Tensor, truncate: bool = True) -> torch.Tensor:  # (T, L) -> (T, E)
         return self.encode_embedded(self.embed_tokens(tokens), tokens.argmax(dim=-1), truncate=truncate)
 
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x, dim=-1)

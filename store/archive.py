@@ -34,8 +34,8 @@ Upload (``inspect_archive``) and the job (``iter_archive_images``) go through
 the same code, so both see the same deduplicated image list.
 
 Every rejection raises :class:`DatasetError` with a message that names the
-problem (and the file, where there is one) and a ``status_code`` the API
-returns as is: 413 for size limits, 422 for everything else.
+problem (and the file, where there is one); ``over_limit`` marks a size limit
+(the API answers those 413, everything else 422: ``api.errors``).
 """
 
 from __future__ import annotations
@@ -88,11 +88,12 @@ _MAX_LISTED = 10
 
 
 class DatasetError(ValueError):
-    """The uploaded dataset archive is not acceptable; ``str(err)`` says why."""
+    """The uploaded dataset archive is not acceptable; ``str(err)`` says why; ``over_limit``:
+    the archive (or one of its images) is over a size limit rather than malformed."""
 
-    def __init__(self, message: str, *, status_code: int = 422) -> None:
+    def __init__(self, message: str, *, over_limit: bool = False) -> None:
         super().__init__(message)
-        self.status_code = status_code
+        self.over_limit = over_limit
 
 
 @dataclass(frozen=True)
@@ -372,7 +373,7 @@ def _read_entry(
                     raise DatasetError(
                         f"archive expands past the limit of {_human(limits.max_uncompressed_bytes)} "
                         f"while reading '{name}'",
-                        status_code=413,
+                        over_limit=True,
                     )
                 if out.tell() > info.file_size:
                     raise DatasetError(
@@ -404,7 +405,7 @@ def _open_zip(data: bytes, limits: ArchiveLimits) -> zipfile.ZipFile:
     if len(data) > limits.max_bytes:
         raise DatasetError(
             f"dataset archive is {_human(len(data))}, over the upload limit of {_human(limits.max_bytes)}",
-            status_code=413,
+            over_limit=True,
         )
     if not data:
         raise DatasetError("dataset is empty; upload a zip archive of class folders")
@@ -427,7 +428,7 @@ def _plan(zf: zipfile.ZipFile, data_len: int, limits: ArchiveLimits) -> tuple[Ar
     if len(infos) > limits.max_entries:
         raise DatasetError(
             f"archive has {len(infos)} entries, over the limit of {limits.max_entries}",
-            status_code=413,
+            over_limit=True,
         )
 
     seen: dict[str, str] = {}  # normalised name -> decoded name
@@ -478,7 +479,7 @@ def _plan(zf: zipfile.ZipFile, data_len: int, limits: ArchiveLimits) -> tuple[Ar
         raise DatasetError(
             f"archive expands to {_human(declared)}, over the limit of "
             f"{_human(limits.max_uncompressed_bytes)}",
-            status_code=413,
+            over_limit=True,
         )
     _check_ratio(declared, data_len, limits)
 
@@ -582,7 +583,7 @@ def _check_ratio(expanded: int, data_len: int, limits: ArchiveLimits) -> None:
         raise DatasetError(
             f"archive expands {ratio:.0f}-fold ({_human(data_len)} to {_human(expanded)}), over the "
             f"expansion ratio limit of {limits.max_expansion_ratio:g}",
-            status_code=413,
+            over_limit=True,
         )
 
 
@@ -720,7 +721,7 @@ def iter_archive_images(data: bytes, limits: Any = None) -> tuple[ArchiveManifes
                 try:
                     img = decode_image(raw, max_pixels=lim.max_image_pixels, name=f"file '{_show(entry.shown)}'")
                 except ImageError as exc:
-                    raise DatasetError(str(exc), status_code=exc.status_code) from None
+                    raise DatasetError(str(exc), over_limit=exc.over_limit) from None
                 del raw
                 digest = pixel_digest(img)
                 first = first_of.get(digest)

@@ -14,8 +14,8 @@ archive and in a classify request.
    sideways comes out upright; an unreadable EXIF block is ignored (no rotation).
 4. :func:`to_rgb` converts the pixels to 8-bit sRGB by one rule, documented there.
 
-Errors raise :class:`ImageError` with a message naming the image and the problem, and a
-``status_code``: 413 for size limits, 422 for everything else.
+Errors raise :class:`ImageError` with a message naming the image and the problem, and
+``over_limit`` set for a size limit (the API answers those 413, everything else 422).
 """
 
 from __future__ import annotations
@@ -68,12 +68,12 @@ _BOMB_SIZE = re.compile(r"\((\d+) pixels\)")
 class ImageError(ValueError):
     """One image cannot be used (undecodable, damaged, or over a size limit).
 
-    ``status_code`` is 413 for a size limit, 422 otherwise; the message names the image.
+    ``over_limit``: the image is over a size limit rather than damaged; the message names the image.
     """
 
-    def __init__(self, message: str, *, status_code: int = 422) -> None:
+    def __init__(self, message: str, *, over_limit: bool = False) -> None:
         super().__init__(message)
-        self.status_code = status_code
+        self.over_limit = over_limit
 
 
 # ---------------------------------------------------------------- decoding
@@ -116,13 +116,13 @@ def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> Image.
             raise ImageError(
                 f"{name} is {width}x{height} = {width * height} pixels, over the pixel limit of "
                 f"{max_pixels} pixels",
-                status_code=413,
+                over_limit=True,
             )
         if max(width, height) > MAX_IMAGE_SIDE:
             raise ImageError(
                 f"{name} is {width}x{height} pixels; its longer side is over the limit of "
                 f"{MAX_IMAGE_SIDE} pixels",
-                status_code=413,
+                over_limit=True,
             )
         try:
             img.load()  # the first frame: an image opens on frame 0 and nothing seeks further
@@ -133,7 +133,7 @@ def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> Image.
         except Image.DecompressionBombError as exc:
             raise _bomb_error(name, max_pixels, exc) from None
         except MemoryError:
-            raise ImageError(f"{name} is too large to decode", status_code=413) from None
+            raise ImageError(f"{name} is too large to decode", over_limit=True) from None
         except _PILLOW_ERRORS as exc:
             raise _explain(name, exc, img_format=img.format) from None
     finally:
@@ -167,7 +167,7 @@ def _bomb_error(name: str, max_pixels: int, exc: Exception) -> ImageError:
     limit = min(max_pixels, guard)
     m = _BOMB_SIZE.search(str(exc))
     size = f" is {m.group(1)} pixels," if m else " is"
-    return ImageError(f"{name}{size} over the pixel limit of {limit} pixels", status_code=413)
+    return ImageError(f"{name}{size} over the pixel limit of {limit} pixels", over_limit=True)
 
 
 def _explain(name: str, exc: Exception, *, img_format: str | None) -> ImageError:

@@ -4,12 +4,14 @@ Ids are uuid4 hex strings; timestamps are timezone-aware UTC.
 
 Task status machine (docs/api.md): queued -> running -> ready | failed | cancelled.
 A retrain of a task that already serves a version keeps ``status == "ready"`` and
-tracks the new run in ``training`` = {"status", "progress", "error"}; on success
-``version`` += 1 and the served version switches in the same transaction.
+tracks the new run in ``training`` = {"status", "progress", "error", "history"}; on success
+``version`` += 1 and the served version switches in the same transaction. Readers see the
+latest run in one shape whichever applies: ``Task.run`` (a ``RunView``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import uuid
 from typing import Any
@@ -18,6 +20,7 @@ from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, String, T
 from sqlalchemy.orm import Mapped, mapped_column, object_session, relationship
 
 from store.db import Base, utcnow
+from store.textinput import as_fraction
 
 QUEUED = "queued"
 RUNNING = "running"
@@ -26,7 +29,45 @@ FAILED = "failed"
 CANCELLED = "cancelled"
 TASK_STATUSES = (QUEUED, RUNNING, READY, FAILED, CANCELLED)
 ACTIVE_STATUSES = (QUEUED, RUNNING)
-FINISHED_STATUSES = (READY, FAILED, CANCELLED)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunView:
+    """The task's latest run, in one shape whether it is the task's first run (state in the
+    task's own ``status``/``progress``/``error``/``history``) or a retrain of a task that
+    serves a version (state in ``training``). ``is_retrain``: a version is served, so the run
+    (if any) is a retrain; ``status`` None then means no run since the version was published
+    (its progress reads 1.0, done). ``config``/``dataset_id``: the inputs of that run."""
+
+    status: str | None
+    progress: float
+    error: str | None
+    history: list[Any] | None
+    config: dict[str, Any]
+    dataset_id: str | None
+    is_retrain: bool
+
+    @property
+    def active(self) -> bool:
+        """The run is queued or running."""
+        return self.status in ACTIVE_STATUSES
+
+    @classmethod
+    def of(
+        cls, *, status: str | None, progress: Any, error: str | None, history: Any, version: int | None,
+        training: Any, config: Any = None, dataset_id: str | None = None,
+    ) -> RunView:
+        """The view of a task's columns (a ``Task`` or a row that selected them)."""
+        cfg = dict(config) if isinstance(config, dict) else {}
+        if version is None:
+            return cls(status, as_fraction(progress), error, history if isinstance(history, list) else None,
+                       cfg, dataset_id, False)
+        t = training if isinstance(training, dict) else {}
+        curve = t.get("history")
+        return cls(
+            t.get("status"), as_fraction(t.get("progress")) if t else 1.0, t.get("error"),
+            curve if isinstance(curve, list) else None, cfg, dataset_id, True,
+        )
 
 
 def new_id() -> str:
@@ -109,7 +150,8 @@ class Task(Base):
     confusion: Mapped[list[Any] | None]
     #: Prompt version being served; None before the first publish.
     version: Mapped[int | None]
-    #: State of a retrain run while a version is served: {"status", "progress", "error"}.
+    #: State of a retrain run while a version is served: {"status", "progress", "error",
+    #: "history"}; read it through ``run``.
     training: Mapped[dict[str, Any] | None]
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     #: Run counter; a job carries the attempt it was queued for and is a no-op when stale.
@@ -152,6 +194,14 @@ class Task(Base):
         run's while no version is or the version predates the record."""
         pv = self.served_version if self.version is not None else None
         return pv.dataset_id if pv is not None and pv.config is not None else self.dataset_id
+
+    @property
+    def run(self) -> RunView:
+        """The latest run, whichever column holds its state (``RunView``)."""
+        return RunView.of(
+            status=self.status, progress=self.progress, error=self.error, history=self.history,
+            version=self.version, training=self.training, config=self.config, dataset_id=self.dataset_id,
+        )
 
     @property
     def dataset_warnings(self) -> list[str]:

@@ -15,8 +15,7 @@ from typing import Any
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
-from store.textinput import as_fraction
-from store.models import ACTIVE_STATUSES, Dataset, PromptVersion, Task, Tenant
+from store.models import ACTIVE_STATUSES, Dataset, RunView, PromptVersion, Task, Tenant
 
 #: Sort keys the task table accepts, mapped to columns (anything else is refused upstream).
 TASK_SORTS: dict[str, Any] = {
@@ -56,14 +55,9 @@ class TaskRow:
 
 
 def _row(r: Any) -> TaskRow:
-    training = r.training or {}
-    if r.version is not None:
-        # a served task: the retrain run if there is one, else the published run (done)
-        run_status = training.get("status")
-        run_progress = as_fraction(training.get("progress")) if training else 1.0
-        error = training.get("error")
-    else:
-        run_status, run_progress, error = r.status, float(r.progress or 0.0), r.error
+    run = RunView.of(
+        status=r.status, progress=r.progress, error=r.error, history=None, version=r.version, training=r.training
+    )
     acc = (r.metrics or {}).get("val_accuracy")
     return TaskRow(
         id=r.id,
@@ -74,9 +68,9 @@ def _row(r: Any) -> TaskRow:
         status=r.status,
         progress=float(r.progress or 0.0),
         version=r.version,
-        run_status=run_status,
-        run_progress=run_progress,
-        error=error,
+        run_status=run.status,
+        run_progress=run.progress,
+        error=run.error,
         val_accuracy=float(acc) if isinstance(acc, (int, float)) else None,
         created_at=r.created_at,
         updated_at=r.updated_at,
@@ -150,9 +144,9 @@ def active_run_count(s: Session) -> dict[str, int]:
         )
     )
     for status, version, training in rows:
-        state = (training or {}).get("status") if version is not None else status
-        if state in out:
-            out[state] += 1
+        run = RunView.of(status=status, progress=None, error=None, history=None, version=version, training=training)
+        if run.status in out:
+            out[run.status] += 1
     return out
 
 

@@ -50,12 +50,13 @@ _TOKENS_B = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
 
 
 class InputError(ValueError):
-    """A refused input: ``status_code`` (422, or 413 for a size bound) and a message naming the field."""
+    """A refused input: a message naming the field, and ``over_limit`` for a size bound
+    (the API answers those 413, everything else 422)."""
 
-    def __init__(self, message: str, status_code: int = 422) -> None:
+    def __init__(self, message: str, *, over_limit: bool = False) -> None:
         super().__init__(message)
         self.message = message
-        self.status_code = status_code
+        self.over_limit = over_limit
 
 
 def _codes(chars: Any) -> str:
@@ -127,7 +128,7 @@ def loads_checked(field: str, raw: str | bytes, *, max_bytes: int, max_depth: in
     else:
         size = len(raw.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
-        raise InputError(f"{field} is {size} bytes, over the limit of {max_bytes} bytes", 413)
+        raise InputError(f"{field} is {size} bytes, over the limit of {max_bytes} bytes", over_limit=True)
     if isinstance(raw, (bytes, bytearray)):
         try:
             text = bytes(raw).decode("utf-8")

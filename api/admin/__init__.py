@@ -13,6 +13,7 @@ Auth: ``api.admin.auth``; queries: ``store.overview``; numbers of the serving si
 dashboard``, is ``api.bench.dashboard``.
 """
 
+from api.admin.deps import install_admin_errors
 from api.admin.views import router
 
-__all__ = ["router"]
+__all__ = ["install_admin_errors", "router"]

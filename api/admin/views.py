@@ -3,8 +3,10 @@ script polls for live progress (``/admin/api/...``).
 
 Without the admin token there is no page and no data: pages answer 401 with the login form
 in their place, JSON and POST routes 401 ``{"detail"}``. POST forms need the session's CSRF token.
-Handlers are thin: queries in ``store.overview`` / ``store.repo``, serving-side numbers in
-``api.admin.panels``, pictures in ``api.admin.charts``.
+Handlers are thin: who may call them is their ``Annotated`` dependencies (``api.admin.deps``:
+``AdminPage``, ``AdminApi``, ``AdminForm``), what they change goes through ``api.services`` (as
+the tenant routes do), queries are ``store.overview`` / ``store.repo``, serving-side numbers
+``api.admin.panels``, pictures ``api.admin.charts``.
 """
 
 from __future__ import annotations
@@ -19,17 +21,18 @@ from urllib.parse import quote, urlencode
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
+from sqlalchemy.orm import Session
 
-from store.textinput import as_fraction
+from api import services
 from api.admin import auth, charts, panels
-from api.deps import admin_attempt
+from api.admin.deps import AdminApi, AdminEntryPage, AdminForm, AdminPage, AdminState, MaybeAdmin
+from api.deps import DbSession, admin_attempt
 from api.errors import ApiError
 from api.ratelimit import RateLimited
-from api.routes.tasks import delete_task_and_objects
 from api.state import ServiceState
 from store import logcontext, overview, repo
 from store.db import session_scope
-from store.models import ACTIVE_STATUSES, TASK_STATUSES
+from store.models import TASK_STATUSES
 
 log = logging.getLogger("promptstore.admin")
 
@@ -93,37 +96,7 @@ env.filters.update(time=_fmt_time, pct=_fmt_pct, bytes=_fmt_bytes, num=_fmt_num)
 # --------------------------------------------------------------------------- plumbing
 
 
-def _state(request: Request) -> ServiceState:
-    return request.app.state.ps
-
-
-def _admin(request: Request) -> auth.Admin | None:
-    state = _state(request)
-    if not request.headers.get("authorization") or not state.settings.admin_token:
-        return auth.authenticate(request, state.settings.admin_token)  # a session cookie, or nothing presented
-    # Bearer or Basic credentials: a guess of the token, under the failed-attempt limit (429)
-    return admin_attempt(state, request, lambda: auth.authenticate(request, state.settings.admin_token))
-
-
-def _require_api(request: Request) -> auth.Admin:
-    admin = _admin(request)
-    if admin is None:
-        raise ApiError(
-            401,
-            "admin token required: log in at /admin/login, or send 'Authorization: Bearer <admin_token>'",
-            {"WWW-Authenticate": "Bearer"},
-        )
-    return admin
-
-
-def _require_form(request: Request, csrf: str | None) -> auth.Admin:
-    admin = _require_api(request)
-    if not admin.csrf_ok(csrf):
-        raise ApiError(403, "missing or invalid CSRF token: reload the page and submit the form again")
-    return admin
-
-
-def _to_login(request: Request, *, basic: bool = False) -> HTMLResponse:
+def login_required(request: Request, *, basic: bool = False) -> HTMLResponse:
     """401 with the login form (and nothing else); after logging in it returns here. With
     ``basic`` (the dashboard's entry page, /admin) the challenge offers Basic first, so a
     browser shows its own login dialog (user admin, password the token); the form in the body
@@ -132,7 +105,7 @@ def _to_login(request: Request, *, basic: bool = False) -> HTMLResponse:
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     resp = _render(
         "login.html", time.perf_counter(), status=401, next=_safe_next(target), error=None,
-        disabled=not _state(request).settings.admin_token,
+        disabled=not request.app.state.ps.settings.admin_token,
     )
     realm = 'realm="promptstore admin"'
     resp.headers["WWW-Authenticate"] = f"Basic {realm}, Bearer {realm}" if basic else f"Bearer {realm}"
@@ -185,18 +158,17 @@ def static(name: str) -> Response:
 
 
 @router.get("/login", response_class=HTMLResponse)
-def login_form(request: Request, next: str | None = None) -> Response:
+def login_form(admin: MaybeAdmin, state: AdminState, next: str | None = None) -> Response:
     started = time.perf_counter()
-    if _admin(request) is not None:
+    if admin is not None:
         return RedirectResponse(_safe_next(next), status_code=303, headers=_HEADERS)
-    disabled = not _state(request).settings.admin_token
+    disabled = not state.settings.admin_token
     return _render("login.html", started, next=_safe_next(next), error=None, disabled=disabled)
 
 
 @router.post("/login", response_class=HTMLResponse)
-def login(request: Request, token: str = Form(""), next: str = Form("/admin")) -> Response:
+def login(request: Request, state: AdminState, token: str = Form(""), next: str = Form("/admin")) -> Response:
     started = time.perf_counter()
-    state = _state(request)
     configured = state.settings.admin_token
     try:
         ok = bool(configured) and admin_attempt(state, request, lambda: auth.token_matches(configured, token.strip()))
@@ -227,8 +199,7 @@ def login(request: Request, token: str = Form(""), next: str = Form("/admin")) -
 
 
 @router.post("/logout")
-def logout(request: Request, csrf: str = Form("")) -> Response:
-    _require_form(request, csrf)
+def logout(_: AdminForm) -> Response:
     resp = RedirectResponse("/admin/login", status_code=303, headers=_HEADERS)
     resp.delete_cookie(auth.COOKIE, path=auth.COOKIE_PATH, httponly=True, samesite="strict")
     return resp
@@ -237,10 +208,9 @@ def logout(request: Request, csrf: str = Form("")) -> Response:
 # --------------------------------------------------------------------------- overview
 
 
-def _overview_data(request: Request) -> dict[str, Any]:
-    state = _state(request)
+def _overview_data(request: Request, state: ServiceState) -> dict[str, Any]:
     app_state = request.app.state
-    with session_scope(state.sessionmaker) as s:
+    with session_scope(state.sessionmaker) as s:  # closed before the broker and serving probes
         by_status = repo.task_status_counts(s)
         runs = overview.active_run_count(s)
         tenants = overview.tenant_count(s)
@@ -249,10 +219,8 @@ def _overview_data(request: Request) -> dict[str, Any]:
         failed, _ = overview.list_task_rows(s, status="failed", sort="updated", limit=5)
         recent, _ = overview.list_task_rows(s, sort="updated", limit=8)
     probe = getattr(app_state, "admin_probe", None)
-    if probe is None and getattr(state.dispatcher, "kind", "") == "celery" and state.settings.broker_url:
-        from worker.celery_app import QUEUE
-
-        probe = panels.BrokerProbe(state.settings.broker_url, getattr(state.dispatcher, "app", None), QUEUE)
+    if probe is None and state.dispatcher.kind == "celery":
+        probe = panels.BrokerProbe(state.dispatcher)
         app_state.admin_probe = probe
     meter = getattr(app_state, "admin_rate", None)
     if meter is None:
@@ -273,19 +241,15 @@ def _overview_data(request: Request) -> dict[str, Any]:
 
 
 @router.get("", response_class=HTMLResponse)
-def overview_page(request: Request) -> Response:
+def overview_page(request: Request, admin: AdminEntryPage, state: AdminState) -> Response:
     started = time.perf_counter()
-    admin = _admin(request)
-    if admin is None:
-        return _to_login(request, basic=True)
-    return _render("overview.html", started, admin=admin, nav="overview", o=_overview_data(request))
+    return _render("overview.html", started, admin=admin, nav="overview", o=_overview_data(request, state))
 
 
 @router.get("/api/overview")
-def overview_json(request: Request) -> JSONResponse:
+def overview_json(request: Request, _: AdminApi, state: AdminState) -> JSONResponse:
     started = time.perf_counter()
-    _require_api(request)
-    data = _overview_data(request)
+    data = _overview_data(request, state)
     data["failed"] = [_row_json(r) for r in data["failed"]]
     data["recent"] = [_row_json(r) for r in data["recent"]]
     return _json(data, started)
@@ -304,7 +268,8 @@ def _check_choice(name: str, value: str | None, allowed: Any) -> str | None:
 
 @router.get("/tasks", response_class=HTMLResponse)
 def tasks_page(
-    request: Request,
+    admin: AdminPage,
+    s: DbSession,
     tenant: str | None = None,
     status: str | None = None,
     method: str | None = None,
@@ -314,19 +279,15 @@ def tasks_page(
     done: str | None = None,
 ) -> Response:
     started = time.perf_counter()
-    admin = _admin(request)
-    if admin is None:
-        return _to_login(request)
     status = _check_choice("status", status, TASK_STATUSES)
     sort = _check_choice("sort", sort, list(overview.TASK_SORTS)) or "created"
     order = _check_choice("order", order, ("asc", "desc")) or "desc"
-    with session_scope(_state(request).sessionmaker) as s:
-        rows, total = overview.list_task_rows(
-            s, tenant_id=tenant or None, status=status, method=method or None, sort=sort,
-            descending=order == "desc", limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE,
-        )
-        tenants = overview.tenant_names(s)
-        methods = overview.task_methods(s)
+    rows, total = overview.list_task_rows(
+        s, tenant_id=tenant or None, status=status, method=method or None, sort=sort,
+        descending=order == "desc", limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE,
+    )
+    tenants = overview.tenant_names(s)
+    methods = overview.task_methods(s)
     filters = {k: v for k, v in (("tenant", tenant), ("status", status), ("method", method)) if v}
 
     def link(**changes: Any) -> str:
@@ -346,19 +307,16 @@ def tasks_page(
 
 
 @router.get("/api/tasks")
-def tasks_json(request: Request, ids: str = Query("", max_length=100 * 40)) -> JSONResponse:
+def tasks_json(_: AdminApi, s: DbSession, ids: str = Query("", max_length=100 * 40)) -> JSONResponse:
     """Live state of the listed tasks (comma-separated ids, at most 200)."""
     started = time.perf_counter()
-    _require_api(request)
     wanted = [i for i in ids.split(",") if i][:200]
-    with session_scope(_state(request).sessionmaker) as s:
-        rows = overview.task_rows_by_id(s, wanted)
+    rows = overview.task_rows_by_id(s, wanted)
     return _json({"items": [_row_json(r) for r in rows], "count": len(rows)}, started)
 
 
-def _detail(request: Request, task_id: str) -> overview.TaskDetail:
-    with session_scope(_state(request).sessionmaker) as s:
-        d = overview.task_detail(s, task_id)
+def _detail(s: Session, task_id: str) -> overview.TaskDetail:
+    d = overview.task_detail(s, task_id)
     if d is None:
         raise ApiError(404, f"task {task_id} not found")
     logcontext.set_ids(tenant_id=d.task.tenant_id, task_id=d.task.id)
@@ -366,27 +324,20 @@ def _detail(request: Request, task_id: str) -> overview.TaskDetail:
 
 
 @router.get("/tasks/{task_id}", response_class=HTMLResponse)
-def task_page(request: Request, task_id: str, done: str | None = None, problem: str | None = None) -> Response:
+def task_page(
+    admin: AdminPage, s: DbSession, task_id: str, done: str | None = None, problem: str | None = None
+) -> Response:
     started = time.perf_counter()
-    admin = _admin(request)
-    if admin is None:
-        return _to_login(request)
-    d = _detail(request, task_id)
+    d = _detail(s, task_id)
     t = d.task
-    training = t.training or {}
-    run_status = training.get("status") if t.version is not None else t.status
-    if t.version is not None:  # the retrain run if there is one, else the published run (done)
-        run_progress = as_fraction(training.get("progress")) if training else 1.0
-    else:
-        run_progress = float(t.progress or 0.0)
-    run_error = training.get("error") if t.version is not None else t.error
-    # A retrain in progress records its curve in training["history"] until it publishes.
-    live_history = training.get("history") if t.version is not None and run_status in ACTIVE_STATUSES else None
+    run = t.run
+    # A retrain in progress shows its own curve until it publishes; otherwise the served one.
+    live_history = run.history if run.is_retrain and run.active else None
     classes = [str(c) for c in (t.classes or [])]
     return _render(
         "task.html", started, admin=admin, nav="tasks", d=d, t=t, classes=classes,
-        run_status=run_status, run_progress=run_progress, run_error=run_error,
-        live=run_status in ACTIVE_STATUSES,
+        run_status=run.status, run_progress=run.progress, run_error=run.error,
+        live=run.active,
         curve=charts.training_curve(live_history or t.history),
         curve_is_retrain=bool(live_history),
         cm=charts.confusion(t.confusion, classes),
@@ -395,22 +346,14 @@ def task_page(request: Request, task_id: str, done: str | None = None, problem: 
 
 
 @router.get("/tasks/{task_id}/delete", response_class=HTMLResponse)
-def confirm_delete_page(request: Request, task_id: str) -> Response:
+def confirm_delete_page(admin: AdminPage, s: DbSession, task_id: str) -> Response:
     started = time.perf_counter()
-    admin = _admin(request)
-    if admin is None:
-        return _to_login(request)
-    d = _detail(request, task_id)
+    d = _detail(s, task_id)
     return _render("confirm_delete.html", started, admin=admin, nav="tasks", d=d, t=d.task)
 
 
-def _task_tenant(request: Request, task_id: str) -> str:
-    with session_scope(_state(request).sessionmaker) as s:
-        d = overview.task_detail(s, task_id)
-    if d is None:
-        raise ApiError(404, f"task {task_id} not found")
-    logcontext.set_ids(tenant_id=d.task.tenant_id, task_id=task_id)
-    return d.task.tenant_id
+def _task_tenant(s: Session, task_id: str) -> str:
+    return _detail(s, task_id).task.tenant_id
 
 
 def _back(task_id: str, **q: str) -> RedirectResponse:
@@ -418,52 +361,36 @@ def _back(task_id: str, **q: str) -> RedirectResponse:
 
 
 @router.post("/tasks/{task_id}/cancel")
-def cancel_task(request: Request, task_id: str, csrf: str = Form("")) -> Response:
-    _require_form(request, csrf)
-    tenant_id = _task_tenant(request, task_id)
-    with session_scope(_state(request).sessionmaker) as s:
-        try:
-            if repo.request_cancel(s, task_id, tenant_id=tenant_id) is None:
-                raise ApiError(404, f"task {task_id} not found")
-        except repo.TaskStateError as exc:
-            log.info("admin cancel of task %s: %s", task_id, exc)
-            return _back(task_id, done="idle")
+def cancel_task(_: AdminForm, s: DbSession, task_id: str) -> Response:
+    try:
+        services.cancel_run(s, task_id, tenant_id=_task_tenant(s, task_id))
+    except ApiError as exc:
+        if exc.status_code != 409:
+            raise
+        log.info("admin cancel of task %s: %s", task_id, exc.detail)
+        return _back(task_id, done="idle")
     log.info("admin cancelled task %s", task_id)
     return _back(task_id, done="cancelled")
 
 
 @router.post("/tasks/{task_id}/retry")
-def retry_task(request: Request, task_id: str, csrf: str = Form("")) -> Response:
-    from api.routes.tasks import enqueue
-
-    _require_form(request, csrf)
-    state = _state(request)
-    tenant_id = _task_tenant(request, task_id)
-    with session_scope(state.sessionmaker) as s:
-        try:
-            task = repo.request_retrain(s, task_id, tenant_id=tenant_id)
-        except repo.TaskStateError as exc:
-            return _back(task_id, problem=str(exc))
-        if task is None:
-            raise ApiError(404, f"task {task_id} not found")
-        s.commit()
-        try:
-            enqueue(state, s, task.id, task.attempt, tenant_id)
-        except ApiError as exc:
-            return _back(task_id, problem=exc.detail)
+def retry_task(_: AdminForm, state: AdminState, s: DbSession, task_id: str) -> Response:
+    try:
+        services.retry(state, s, task_id, tenant_id=_task_tenant(s, task_id))
+    except ApiError as exc:
+        if exc.status_code not in (409, 503):  # a run in progress; the broker down (the run stays queued)
+            raise
+        return _back(task_id, problem=exc.detail)
     log.info("admin queued a new run of task %s", task_id)
     return _back(task_id, done="retried")
 
 
 @router.post("/tasks/{task_id}/delete")
-def delete_task(request: Request, task_id: str, csrf: str = Form(""), confirm: str = Form("")) -> Response:
-    _require_form(request, csrf)
-    state = _state(request)
-    tenant_id = _task_tenant(request, task_id)
+def delete_task(_: AdminForm, state: AdminState, s: DbSession, task_id: str, confirm: str = Form("")) -> Response:
+    tenant_id = _task_tenant(s, task_id)
     if confirm != task_id:
         raise ApiError(422, "confirm must repeat the task id: delete from the confirmation page")
-    with session_scope(state.sessionmaker) as s:
-        delete_task_and_objects(state, s, task_id, tenant_id=tenant_id)
+    services.delete_task_and_objects(state, s, task_id, tenant_id=tenant_id)
     log.info("admin deleted task %s", task_id)
     return RedirectResponse("/admin/tasks?" + urlencode({"done": "deleted"}), status_code=303, headers=_HEADERS)
 
@@ -471,36 +398,32 @@ def delete_task(request: Request, task_id: str, csrf: str = Form(""), confirm: s
 # --------------------------------------------------------------------------- tenants
 
 
-def _tenants_page(request: Request, admin: auth.Admin, started: float, **extra: Any) -> HTMLResponse:
-    with session_scope(_state(request).sessionmaker) as s:
+def _tenants_page(state: ServiceState, admin: auth.Admin, started: float, **extra: Any) -> HTMLResponse:
+    with session_scope(state.sessionmaker) as s:
         tenants = repo.list_tenants(s)
     return _render("tenants.html", started, admin=admin, nav="tenants", tenants=tenants, **extra)
 
 
 @router.get("/tenants", response_class=HTMLResponse)
-def tenants_page(request: Request) -> Response:
+def tenants_page(admin: AdminPage, state: AdminState) -> Response:
     started = time.perf_counter()
-    admin = _admin(request)
-    if admin is None:
-        return _to_login(request)
-    return _tenants_page(request, admin, started, created=None, problem=None)
+    return _tenants_page(state, admin, started, created=None, problem=None)
 
 
 @router.post("/tenants", response_class=HTMLResponse)
-def create_tenant(request: Request, name: str = Form(""), csrf: str = Form("")) -> Response:
+def create_tenant(admin: AdminForm, state: AdminState, name: str = Form("")) -> Response:
     """Creates the tenant and shows its API key on this one response (never again)."""
     started = time.perf_counter()
-    admin = _require_form(request, csrf)
     name = name.strip()
     if not name or len(name) > 200:
-        return _tenants_page(request, admin, started, created=None, problem="A tenant name is 1 to 200 characters.")
+        return _tenants_page(state, admin, started, created=None, problem="A tenant name is 1 to 200 characters.")
     try:
-        with session_scope(_state(request).sessionmaker) as s:
+        with session_scope(state.sessionmaker) as s:
             tenant, key = repo.create_tenant(s, name)
             created = {"id": tenant.id, "name": tenant.name, "api_key": key}
     except repo.StoreError as exc:
-        return _tenants_page(request, admin, started, created=None, problem=str(exc))
+        return _tenants_page(state, admin, started, created=None, problem=str(exc))
     logcontext.set_ids(tenant_id=created["id"])
     log.info("admin created tenant %s", created["id"])
-    return _tenants_page(request, admin, started, created=created, problem=None)
+    return _tenants_page(state, admin, started, created=created, problem=None)
 

@@ -1,14 +1,14 @@
 """Tasks (tenant): create, list, get, retrain, cancel, delete, download the prompt.
 
-Handlers are thin: parsing and validation here, persistence in ``store.repo``, work in
-``worker`` (enqueued only after the database commit).
+Handlers are thin: parsing and validation here; what the admin dashboard does too (store a
+dataset, start, cancel or delete a run, enqueue it) in ``api.services``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Callable
+from typing import Any
 
 from fastapi import APIRouter, Depends, File, Form, Header, Response, UploadFile
 from fastapi.responses import JSONResponse
@@ -19,10 +19,10 @@ from api.deps import CurrentTenant, DbSession, current_tenant, form_fields, get_
 from api.errors import ApiError
 from api.schemas import ErrorOut, TaskList, TaskPublic, task_public
 from api.state import ServiceState
+from api.services import cancel_run, delete_task_and_objects, enqueue, request_run, store_dataset
 from store import idempotency, repo, textinput
-from store.archive import ArchiveLimits, inspect_archive
 from store.models import ACTIVE_STATUSES
-from store.objects import dataset_key, sha256_hex
+from store.objects import sha256_hex
 from backbone.methods import method_names
 
 log = logging.getLogger("promptstore.api")
@@ -120,7 +120,7 @@ def text_tokens(state: ServiceState) -> Any:
     """The backbone's tokenizer (``backbone.loading.TextTokens``, None without a text tower): the
     loaded backbone's, else one built from the spec alone (no weights). 503 when neither can be had."""
     from backbone.loading import text_tokens_for_spec
-    from worker.runtime import BackboneNotReady
+    from backbone.holder import BackboneNotReady
 
     try:
         return state.backbone.get().text_tokens
@@ -148,37 +148,6 @@ def check_class_texts(state: ServiceState, method: str, classes: list[str], cfg:
         raise ApiError(422, str(exc)) from None
 
 
-def store_dataset(
-    state: ServiceState, s: Session, tenant_id: str, upload: UploadFile,
-    check: Callable[[list[str]], None] | None = None,
-) -> tuple[str, list[str]]:
-    """Validate the uploaded zip, store it under its content-addressed key and record it
-    (in the caller's transaction). Returns ``(dataset_id, classes)``. ``check(classes)`` runs
-    before anything is stored (a refusal leaves nothing behind)."""
-    limit = state.settings.max_upload_bytes
-    upload.file.seek(0)
-    data = upload.file.read(limit + 1)
-    if len(data) > limit:
-        raise ApiError(413, f"dataset archive is over the upload limit of {limit} bytes")
-    manifest = inspect_archive(data, ArchiveLimits.from_settings(state.settings))
-    if check is not None:
-        check(list(manifest.classes))
-    digest = sha256_hex(data)
-    key = dataset_key(tenant_id, digest)
-    state.objects.put(key, data)  # the object before the row that points to it
-    ds = repo.create_dataset(
-        s,
-        tenant_id=tenant_id,
-        object_key=key,
-        sha256=digest,
-        size=len(data),
-        classes=manifest.classes,
-        counts=manifest.counts,
-        warnings=manifest.warnings,
-    )
-    return ds.id, list(manifest.classes)
-
-
 def _stored_config(method: str, config: Any) -> dict[str, Any] | None:
     """A task's stored config if it still validates (else None: the run itself will say why)."""
     from backbone import ConfigError, validate_config
@@ -187,26 +156,6 @@ def _stored_config(method: str, config: Any) -> dict[str, Any] | None:
         return validate_config(method, config)
     except ConfigError:
         return None
-
-
-def enqueue(state: ServiceState, s: Session, task_id: str, attempt: int, tenant_id: str) -> None:
-    """Submit the run (the caller has committed). If the broker does not take it (down, or
-    past ``broker_timeout``/``broker_deadline``) the run stays ``queued`` in the database, where
-    the reconciler finds it and enqueues it again, and the client gets a 503 naming the task
-    (and, with an Idempotency-Key, a retry of the same request answers with that task)."""
-    from store.timeouts import BROKER, RETRY_AFTER_S, DependencyTimeout
-
-    try:
-        state.dispatcher.submit(task_id, attempt)
-    except Exception as exc:
-        log.error("could not enqueue task %s attempt %s: %s", task_id, attempt, exc)
-        why = exc.detail.removesuffix("; retry") if isinstance(exc, DependencyTimeout) else f"{BROKER} is unavailable"
-        raise ApiError(
-            503,
-            f"{why}; task {task_id} was saved and its run stays queued: it is enqueued again automatically, "
-            f"so do not create it again (GET /v1/tasks/{task_id} shows it)",
-            {"Retry-After": str(RETRY_AFTER_S)},
-        ) from None
 
 
 # --------------------------------------------------------------------------- idempotency keys
@@ -275,23 +224,6 @@ def remember_and_commit(
     return None
 
 
-def delete_task_and_objects(state: ServiceState, s: Session, task_id: str, *, tenant_id: str) -> None:
-    """Delete the task's rows (committed), drop it from the inference cache, then delete its
-    prompt objects. Its dataset zip is shared by content (another upload of the same zip may
-    be in flight): the garbage collector deletes it once no row refers to it. 404 when the
-    task is not this tenant's. Shared by the tenant route and the admin dashboard."""
-    keys = repo.delete_task(s, task_id, tenant_id=tenant_id)
-    if keys is None:
-        raise ApiError(404, f"task {task_id} not found")
-    s.commit()
-    state.inference.evict(task_id)
-    for key in keys:
-        try:
-            state.objects.delete(key)
-        except Exception as exc:  # the rows are gone; an orphan object is only storage
-            log.error("task %s deleted but object %s could not be removed: %s", task_id, key, exc)
-
-
 def get_own_task(s: Session, task_id: str, tenant: CurrentTenant) -> Any:
     task = repo.get_task(s, task_id, tenant_id=tenant.id)
     if task is None:
@@ -340,7 +272,7 @@ def create_task(
     )
     if (answer := remember_and_commit(state, s, tenant.id, idempotency_key, fp, task)) is not None:
         return answer
-    enqueue(state, s, task.id, task.attempt, tenant.id)
+    enqueue(state, task.id, task.attempt)
     return task_public(task)
 
 
@@ -393,15 +325,10 @@ def retrain_task(
         dataset_id, _ = store_dataset(state, s, tenant.id, dataset, check=check)
     else:
         check(list(task.classes or []))
-    try:
-        updated = repo.request_retrain(s, task_id, tenant_id=tenant.id, dataset_id=dataset_id, config=cfg)
-    except repo.TaskStateError as exc:
-        raise ApiError(409, str(exc)) from None
-    if updated is None:
-        raise ApiError(404, f"task {task_id} not found")
+    updated = request_run(s, task_id, tenant_id=tenant.id, dataset_id=dataset_id, config=cfg)
     if (answer := remember_and_commit(state, s, tenant.id, idempotency_key, fp, updated)) is not None:
         return answer
-    enqueue(state, s, updated.id, updated.attempt, tenant.id)
+    enqueue(state, updated.id, updated.attempt)
     return task_public(updated)
 
 
@@ -411,13 +338,7 @@ def retrain_task(
 def cancel_task(task_id: str, s: DbSession, tenant: CurrentTenant = Depends(current_tenant)) -> TaskPublic:
     """Cancel the task's current run: a queued run at once, a running one at its next step.
     409 when no run is queued or running (the detail names the task's state)."""
-    try:
-        task = repo.request_cancel(s, task_id, tenant_id=tenant.id)
-    except repo.TaskStateError as exc:
-        raise ApiError(409, str(exc)) from None
-    if task is None:
-        raise ApiError(404, f"task {task_id} not found")
-    return task_public(task)
+    return task_public(cancel_run(s, task_id, tenant_id=tenant.id))
 
 
 @router.delete("/{task_id}", status_code=204, response_class=Response, responses=_ERRORS)

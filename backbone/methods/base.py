@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, ClassVar, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -123,9 +123,6 @@ class TrainConfig(MethodConfig):
         if self.warmup_epochs is not None:
             return min(self.warmup_epochs, epochs - 1)
         return min(self.default_warmup_epochs, epochs // 10)
-
-
-HeadKind = Literal["linear", "clip"]
 
 
 @dataclass(frozen=True)
@@ -418,6 +415,3 @@ def check_text_prompts(
             + "; rename the classes so that they differ in words"
         )
 
-
-def dump_config(config: MethodConfig) -> dict[str, Any]:
-    return config.model_dump(mode="json")

@@ -29,7 +29,7 @@ from store.archive import DatasetError, inspect_archive, iter_archive_images, pi
 def reject(data: bytes) -> str:
     with pytest.raises(DatasetError) as info:
         inspect_archive(data)
-    assert info.value.status_code == 422
+    assert not info.value.over_limit
     return str(info.value)
 
 

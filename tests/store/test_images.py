@@ -387,19 +387,19 @@ def refused(data: bytes, max_pixels: int = BIG) -> ImageError:
 
 def test_pillow_bomb_guard_names_the_pixel_limit() -> None:
     err = refused(png_header_only(20_000, 20_000))  # over twice Image.MAX_IMAGE_PIXELS
-    assert err.status_code == 413
+    assert err.over_limit
     assert "400000000 pixels" in str(err) and f"pixel limit of {2 * Image.MAX_IMAGE_PIXELS}" in str(err)
 
 
 def test_over_the_pixel_limit_from_the_header() -> None:
     err = refused(png_header_only(300, 300), max_pixels=10_000)
-    assert err.status_code == 413 and "300x300" in str(err) and "pixel limit of 10000" in str(err)
+    assert err.over_limit and "300x300" in str(err) and "pixel limit of 10000" in str(err)
 
 
 @pytest.mark.parametrize("size", [(MAX_IMAGE_SIDE + 1, 1), (1, MAX_IMAGE_SIDE + 1)])
 def test_longer_side_limit(size: tuple[int, int]) -> None:
     err = refused(encode(Image.new("L", size), "PNG"))
-    assert err.status_code == 413 and f"limit of {MAX_IMAGE_SIDE} pixels" in str(err)
+    assert err.over_limit and f"limit of {MAX_IMAGE_SIDE} pixels" in str(err)
 
 
 @pytest.mark.parametrize("size", [(65536, 1), (1, 65536), (20000, 3)])
@@ -421,30 +421,30 @@ def noisy_png(size: int = 64) -> bytes:
 )  # fmt: skip
 def test_truncated_file_says_truncated(data: bytes) -> None:
     err = refused(data)
-    assert err.status_code == 422 and "is truncated" in str(err)
+    assert not err.over_limit and "is truncated" in str(err)
 
 
 def test_cut_in_the_header_names_the_format() -> None:
     err = refused(noisy_png()[:40])
-    assert err.status_code == 422 and "PNG" in str(err) and "truncated or corrupt" in str(err)
+    assert not err.over_limit and "PNG" in str(err) and "truncated or corrupt" in str(err)
 
 
 def test_oversized_text_chunk_names_the_metadata_limit() -> None:
     info = PngImagePlugin.PngInfo()
     info.add_text("comment", "x" * (2 * PngImagePlugin.MAX_TEXT_CHUNK), zip=True)
     err = refused(encode(Image.new("RGB", (4, 4)), "PNG", pnginfo=info))
-    assert err.status_code == 422 and "metadata" in str(err) and str(PngImagePlugin.MAX_TEXT_CHUNK) in str(err)
+    assert not err.over_limit and "metadata" in str(err) and str(PngImagePlugin.MAX_TEXT_CHUNK) in str(err)
 
 
 def test_oversized_colour_profile_names_the_metadata_limit() -> None:
     data = encode(Image.new("RGB", (4, 4)), "PNG", icc_profile=b"\0" * (2 * PngImagePlugin.MAX_TEXT_CHUNK))
     err = refused(data)
-    assert err.status_code == 422 and "metadata" in str(err) and "colour profile" in str(err)
+    assert not err.over_limit and "metadata" in str(err) and "colour profile" in str(err)
 
 
 def test_unknown_format_lists_the_accepted_ones() -> None:
     err = refused(b"definitely not an image")
-    assert err.status_code == 422 and "not a decodable image (accepted: PNG, JPEG, WebP, BMP, GIF)" in str(err)
+    assert not err.over_limit and "not a decodable image (accepted: PNG, JPEG, WebP, BMP, GIF)" in str(err)
     tiff = refused(encode(Image.new("RGB", (4, 4)), "TIFF"))
     assert "accepted: PNG, JPEG, WebP, BMP, GIF" in str(tiff)
 
@@ -454,4 +454,4 @@ def test_corrupt_pixel_data_says_damaged() -> None:
     pos = data.find(b"IDAT") + 8
     data[pos : pos + 40] = b"\xff" * 40  # the zlib stream no longer inflates
     err = refused(bytes(data))
-    assert err.status_code == 422 and ("damaged PNG" in str(err) or "truncated" in str(err))
+    assert not err.over_limit and ("damaged PNG" in str(err) or "truncated" in str(err))
