@@ -37,22 +37,14 @@ from typing import Any, Callable
 import torch
 
 from api.bench.harness import machine_info
+from api.bench.seeding import SERVE_CONFIGS, TEXT_METHODS
 
 DEFAULT_BACKBONE = "open_clip:ViT-B-32:random"
 DEFAULT_OUT = "bench-results/engine.json"
 
-#: One config per method, so all tasks of a method share their prompt length.
-METHOD_CONFIGS: dict[str, dict[str, Any]] = {
-    "zeroshot": {},  # one template; an ensemble costs the same to serve (features are precomputed)
-    "coop": {"n_ctx": 16},
-    "cocoop": {},  # 4 context tokens from "a photo of a" (the paper)
-    "vpt-shallow": {"n_tokens": 10},
-    "vpt-deep": {"n_tokens": 10},
-    "padding": {},  # pad 30 at 224 px, CLIP text head
-    "linear-probe": {},
-}
-#: Methods that need a CLIP text tower (left out on timm backbones).
-TEXT_METHODS = ("zeroshot", "coop", "cocoop")
+#: One config per registered method, so all tasks of a method share their prompt length, and the
+#: methods that need a CLIP text tower (left out on timm backbones): the seeding's, shared.
+METHOD_CONFIGS: dict[str, dict[str, Any]] = SERVE_CONFIGS
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

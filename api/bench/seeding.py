@@ -18,16 +18,21 @@ if TYPE_CHECKING:
     from backbone.methods.base import PromptModule
     from store.settings import Settings
 
-#: Configs of the published prompts: one per method, so all its tasks share their prompt length.
-SERVE_CONFIGS: dict[str, dict[str, Any]] = {
-    "zeroshot": {"templates": "single"},
-    "coop": {"n_ctx": 16},
-    "cocoop": {},
-    "vpt-shallow": {"n_tokens": 10},
-    "vpt-deep": {"n_tokens": 10},
-    "padding": {},
-    "linear-probe": {},
-}
+def _registered() -> tuple[dict[str, dict[str, Any]], tuple[str, ...]]:
+    from backbone.methods import get_method, method_names
+
+    # one config per method, so all its tasks share their prompt length; a method not named
+    # here is benched with its defaults, so a new method joins the benches with its own file
+    overrides: dict[str, dict[str, Any]] = {
+        "zeroshot": {"templates": "single"}, "coop": {"n_ctx": 16}, "vpt-shallow": {"n_tokens": 10},
+        "vpt-deep": {"n_tokens": 10},
+    }  # fmt: skip
+    configs = {m: dict(overrides.get(m, {})) for m in method_names()}
+    return configs, tuple(m for m in method_names() if get_method(m).module_cls.needs_text)
+
+
+#: Configs of the published prompts, every registered method (see ``_registered``).
+SERVE_CONFIGS, TEXT_METHODS = _registered()
 
 
 # --------------------------------------------------------------------------- prompts

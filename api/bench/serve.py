@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from api.bench.harness import ServerThread, machine_info
 from api.bench.loadgen import ClientProcess, percentiles
-from api.bench.seeding import SERVE_CONFIGS, SeededTask, make_images, seed_tasks
+from api.bench.seeding import SERVE_CONFIGS, TEXT_METHODS, SeededTask, make_images, seed_tasks
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -66,7 +66,6 @@ if TYPE_CHECKING:
 DEFAULT_BACKBONE = "open_clip:ViT-B-32:random"
 DEFAULT_OUT = "bench-results/serve.json"
 FEATURE_METHODS = ("zeroshot", "coop", "linear-probe")
-TEXT_METHODS = ("zeroshot", "coop", "cocoop")
 TARGETS = {"features_vs_tower": 0.9, "mixed_vs_one_task": 0.9, "vs_one_request_one_forward": 1.5, "vs_naive_reload": 20.0}
 
 
@@ -325,7 +324,7 @@ def run(
                 "tasks_per_scenario": tasks, "tenants": tenants, "clients": clients, "seconds": seconds, "rounds": rounds,
                 "baseline_seconds": base_s, "images_per_request": images_per_request, "max_batch": max_batch,
                 "max_wait_ms": max_wait_ms, "classes_per_task": classes, "seed": seed,
-                "features_methods": features, "mixed_methods": every,
+                "features_methods": features, "mixed_methods": [m for m in every if m in plan],  # with fewer tasks than methods, the first ones
             },
             "setup_s": {"seed_tasks": seed_s},
         }
