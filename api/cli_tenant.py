@@ -421,9 +421,21 @@ def classify(
     api_key: ApiKey = None,
 ) -> None:
     """Classify images with a ready task; prints the predictions."""
+    import re
+
+    from api.client import PromptstoreError
+
     files = _read_images(images)
     with _client(url, api_key=api_key) as client:
-        out = client.classify(_resolve(client, task), files, top_k=top_k)
+        try:
+            out = client.classify(_resolve(client, task), files, top_k=top_k)
+        except PromptstoreError as exc:  # the server names images by position: name the file
+            exc.detail = re.sub(
+                r"images\[(\d+)\]",
+                lambda m: f"'{images[int(m.group(1))]}'" if int(m.group(1)) < len(images) else m.group(0),
+                exc.detail,
+            )
+            raise
     _emit(out)
 
 

@@ -144,8 +144,23 @@ def check_class_texts(state: ServiceState, method: str, classes: list[str], cfg:
 
     try:
         check(method, classes, cfg, text_tokens(state))
+        fits_backbone(state, method, cfg)
     except ConfigError as exc:
         raise ApiError(422, str(exc)) from None
+
+
+def fits_backbone(state: ServiceState, method: str, cfg: dict[str, Any]) -> None:
+    """The method's own check against the loaded backbone (a pixel frame wider than the image, a
+    text method on a backbone without a text tower): ConfigError. Skipped while the backbone is
+    still loading: the job runs the same check and fails with the reason."""
+    from backbone.holder import BackboneNotReady
+    from backbone.methods import get_method, parse_config
+
+    try:
+        bb = state.backbone.get()
+    except BackboneNotReady:
+        return
+    get_method(method).module_cls.check_backbone(bb, parse_config(method, cfg))
 
 
 def _stored_config(method: str, config: Any) -> dict[str, Any] | None:

@@ -178,10 +178,12 @@ class PromptModule(nn.Module):
     @classmethod
     def check_backbone(cls, backbone: "Backbone", config: MethodConfig) -> None:
         if cls.needs_text and not backbone.has_text:
+            from .registry import get_method, method_names
+
+            image_side = [m for m in method_names() if not get_method(m).module_cls.needs_text]
             raise ConfigError(
                 f"method needs a CLIP text tower, which backbone {backbone.spec} ({backbone.library}) does not "
-                "have; use an open_clip backbone, or one of the image-side methods: vpt-shallow, vpt-deep, "
-                "padding, linear-probe"
+                f"have; use an open_clip backbone, or one of the image-side methods: {', '.join(image_side)}"
             )
 
     # -- image side

@@ -79,10 +79,15 @@ def context_prompt(n_ctx: int, name: str) -> str:
 
 def resolved_n_ctx(config: MethodConfig, tokens: "TextTokens") -> int:
     """The number of context slots ``_init_context`` gives (the init phrase's token count, else
-    n_ctx or 16), from the tokenizer alone."""
+    n_ctx or 16), from the tokenizer alone. ConfigError, as ``_init_context`` raises it, when
+    both are given and disagree (so the API refuses it before a job would)."""
     init = getattr(config, "init", None)
     if init:
-        return max(0, tokens.count([init.replace("_", " ").strip()])[0] - 2)
+        n = max(0, tokens.count([init.replace("_", " ").strip()])[0] - 2)
+        n_ctx = getattr(config, "n_ctx", None)
+        if n_ctx is not None and n_ctx != n:
+            raise ConfigError(f"n_ctx={n_ctx} does not match init {init!r}, which is {n} tokens; omit n_ctx or make them agree")
+        return n
     return getattr(config, "n_ctx", None) or DEFAULT_N_CTX
 
 

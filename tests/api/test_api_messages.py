@@ -146,3 +146,23 @@ def test_config_values_of_the_wrong_type_are_refused_over_http(settings_factory:
                             headers=tenant)
         assert r.status_code == 422 and f"config key '{key}'" in r.json()["detail"], (config, r.text)
     assert api.client.get("/v1/tasks", headers=tenant).json()["count"] == 0
+
+
+def test_configs_that_cannot_fit_the_backbone_are_refused_at_upload(settings_factory: Any, make_api: Any) -> None:
+    """What the job would fail on (an init phrase and n_ctx that disagree, a frame as wide as the
+    image) is a 422 at create, with nothing stored, once the backbone is loaded."""
+    from psdata import dataset_zip
+
+    api: Api = make_api(settings_factory())
+    tenant = api.tenant()
+    zipped = dataset_zip()
+    for method, config, needle in (
+        ("coop", '{"n_ctx": 3, "init": "a photo of a"}', "n_ctx=3 does not match init 'a photo of a', which is 4 tokens"),
+        ("cocoop", '{"n_ctx": 64}', "n_ctx=64 does not match init 'a photo of a'"),
+        ("padding", '{"pad": 16}', "pad=16 leaves no image"),
+        ("padding", '{"pad": 512}', "pad=512 leaves no image"),
+    ):
+        r = api.client.post("/v1/tasks", data={"name": "x", "method": method, "config": config},
+                            files={"dataset": ("d.zip", zipped, "application/zip")}, headers=tenant)
+        assert r.status_code == 422 and needle in r.json()["detail"], (method, config, r.text)
+    assert api.client.get("/v1/tasks", headers=tenant).json()["count"] == 0

@@ -167,6 +167,10 @@ def test_a_tenants_session_create_wait_list_get_classify_download_retrain_delete
     # a file that cannot be read: a usage error before any request
     r = run_cli(["classify", tid, "nope.png"], env=server.env(), cwd=workdir)
     assert "cannot read the image nope.png" in _err(r, 2)
+    # a file the server refuses: named by its path, not by its position in the request
+    (workdir / "notes.txt").write_text("not an image")
+    line = _err(run_cli(["classify", tid, "colours/red/0.png", "notes.txt"], env=server.env(), cwd=workdir))
+    assert "'notes.txt' is not a decodable image" in line and "images[1]" not in line and "HTTP 422" in line
 
     # delete: then the task is gone (404 with the server's detail and what to do next)
     assert _ok(["tasks", "delete", tid], server, workdir) == {"id": tid, "deleted": True}
