@@ -298,18 +298,27 @@ def test_overview_with_a_broker_shows_its_queue_and_that_no_worker_answers(
 
 
 def test_task_page_shows_the_served_config_and_the_retrain_runs_own(api_with_task: Any) -> None:
-    api, tenant, task_id = api_with_task
-    r = api.client.post(f"/v1/tasks/{task_id}/retrain", data={"config": '{"templates": "ensemble"}'}, headers=tenant)
+    api, tenant, _ = api_with_task
+    task = api.create_task(tenant, "coop", dataset=dataset_zip(), config={"epochs": 1, "n_ctx": 2}).json()
+    task_id = task["id"]
+    api.wait_ready(tenant, task_id)
+    # a long retrain with another config: while it runs, version 1 is served
+    r = api.client.post(f"/v1/tasks/{task_id}/retrain", data={"config": '{"epochs": 10000, "n_ctx": 2}'}, headers=tenant)
     assert r.status_code == 202, r.text
-    assert r.json()["config"]["templates"] == "single" and r.json()["training"]["config"]["templates"] == "ensemble"
+    assert r.json()["config"]["epochs"] == 1 and r.json()["training"]["config"]["epochs"] == 10000
+    api.wait(tenant, task_id, lambda t: t["training"]["status"] == "running")
     html = api.client.get(f"/admin/tasks/{task_id}", headers=ADMIN).text
     served = html.split('id="config"', 1)[1].split("</table>", 1)[0]
-    assert "<th>templates</th><td><code>single</code>" in served
-    if 'id="run-config"' in html:  # while the retrain has not published yet
-        run = html.split('id="run-config"', 1)[1].split("</table>", 1)[0]
-        assert "<th>templates</th><td><code>ensemble</code>" in run and "<th>seed</th>" not in run
+    run = html.split('id="run-config"', 1)[1].split("</table>", 1)[0]
+    assert "<th>epochs</th><td><code>1</code>" in served
+    assert "<th>epochs</th><td><code>10000</code>" in run and "<th>seed</th>" not in run  # only what differs
+    assert api.client.post(f"/v1/tasks/{task_id}/cancel", headers=tenant).status_code == 202
+    api.wait(tenant, task_id, lambda t: t["training"]["status"] == "cancelled")
+    # a short retrain publishes version 2: its config is the served one, and no run config is shown
+    r = api.client.post(f"/v1/tasks/{task_id}/retrain", data={"config": '{"epochs": 2, "n_ctx": 2}'}, headers=tenant)
+    assert r.status_code == 202, r.text
     t = api.wait(tenant, task_id, lambda t: t["version"] == 2)
-    assert t["config"]["templates"] == "ensemble"
+    assert t["config"]["epochs"] == 2
     html = api.client.get(f"/admin/tasks/{task_id}", headers=ADMIN).text
-    assert "<th>templates</th><td><code>ensemble</code>" in html.split('id="config"', 1)[1].split("</table>", 1)[0]
+    assert "<th>epochs</th><td><code>2</code>" in html.split('id="config"', 1)[1].split("</table>", 1)[0]
     assert 'id="run-config"' not in html
