@@ -178,12 +178,10 @@ class PromptModule(nn.Module):
     @classmethod
     def check_backbone(cls, backbone: "Backbone", config: MethodConfig) -> None:
         if cls.needs_text and not backbone.has_text:
-            from .registry import get_method, method_names
-
-            image_side = [m for m in method_names() if not get_method(m).module_cls.needs_text]
             raise ConfigError(
                 f"method needs a CLIP text tower, which backbone {backbone.spec} ({backbone.library}) does not "
-                f"have; use an open_clip backbone, or one of the image-side methods: {', '.join(image_side)}"
+                "have; use an open_clip backbone, or an image-side method (one with a linear head: "
+                "`promptstore methods` lists them)"
             )
 
     # -- image side
