@@ -277,6 +277,16 @@ def _queued_note(task: dict[str, Any], verb: str) -> None:
 # --------------------------------------------------------------------------- tasks
 
 
+def _submitted(client: PromptstoreClient, task: dict[str, Any], *, wait: bool, timeout: float | None, queued: str) -> None:
+    """After a create or retrain: print the task and what to do next, or follow its run to the
+    end (``--wait``) and finish as ``tasks get --wait`` does."""
+    if not wait:
+        _emit(task)
+        _queued_note(task, queued)
+        return
+    _finish(_wait(client, task, timeout))
+
+
 @tasks_app.command("create")
 def tasks_create(
     name: Annotated[str, typer.Argument(help="Task name.", show_default=False)],
@@ -310,12 +320,7 @@ def tasks_create(
                                   dataset_filename=filename)  # fmt: skip
         for warning in task.get("warnings") or []:
             _note(f"warning: {warning}")
-        if not wait:
-            _emit(task)
-            _queued_note(task, "is queued")
-            return
-        task = _wait(client, task, timeout)
-    _finish(task)
+        _submitted(client, task, wait=wait, timeout=timeout, queued="is queued")
 
 
 @tasks_app.command("list")
@@ -375,12 +380,7 @@ def tasks_retrain(
     data, filename = _read_dataset(dataset) if dataset is not None else (None, "dataset.zip")
     with _client(url, api_key=api_key) as client:
         out = client.retrain_task(_resolve(client, task), dataset=data, config=cfg, dataset_filename=filename)
-        if not wait:
-            _emit(out)
-            _queued_note(out, "has a new run queued")
-            return
-        out = _wait(client, out, timeout)
-    _finish(out)
+        _submitted(client, out, wait=wait, timeout=timeout, queued="has a new run queued")
 
 
 @tasks_app.command("cancel")

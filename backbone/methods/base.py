@@ -351,6 +351,20 @@ def head_prompts(
     return template_prompts(classes, [template], prepare)
 
 
+class HeadPromptModule(PromptModule):
+    """A module whose classifier is ``build_head(config.head, config.template)`` (VPT, the
+    pixel prompts): its text prompts are that head's, with the method's name rule."""
+
+    text_prompt_hint = " or the template"
+
+    @classmethod
+    def text_prompts(
+        cls, classes: list[str], config: MethodConfig, tokens: "TextTokens | None"
+    ) -> list[list[str]] | None:
+        head, template = config.head, config.template  # type: ignore[attr-defined]
+        return head_prompts(classes, head, template, tokens, cls.prepare_class_name)
+
+
 # ---------------------------------------------------------------- text prompts that fit
 
 

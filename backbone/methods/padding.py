@@ -18,13 +18,13 @@ from torch import nn
 from ..errors import ConfigError
 from ..towers import ImageFeatures
 from .base import (
-    PIXELS, ImagePass, MethodConfig, PromptModule, TrainConfig, build_head, head_prompts,
+    PIXELS, HeadPromptModule, ImagePass, MethodConfig, TrainConfig, build_head,
     lower_underscores_hyphens_to_spaces, resolve_head,
 )
 from .registry import MethodSpec, Trainer, register
 
 if TYPE_CHECKING:
-    from ..loading import Backbone, TextTokens
+    from ..loading import Backbone
 
 PAPER_PAD, PAPER_SIZE = 30, 224
 
@@ -88,19 +88,11 @@ class PaddingConfig(PixelPromptConfig):
         return self.pad if self.pad is not None else scaled_prompt_size(image_size)
 
 
-class PixelPromptModule(PromptModule):
+class PixelPromptModule(HeadPromptModule):
     """A "pixels" pass with the padding paper's head: subclasses create their parameters, then
     call ``_build_head``, and return their prompt from ``pixel_prompt``."""
 
     prepare_class_name = staticmethod(lower_underscores_hyphens_to_spaces)
-    text_prompt_hint = " or the template"
-
-    @classmethod
-    def text_prompts(
-        cls, classes: list[str], config: MethodConfig, tokens: "TextTokens | None"
-    ) -> list[list[str]] | None:
-        head, template = config.head, config.template  # type: ignore[attr-defined]
-        return head_prompts(classes, head, template, tokens, cls.prepare_class_name)
 
     @classmethod
     def check_backbone(cls, backbone: "Backbone", config: MethodConfig) -> None:

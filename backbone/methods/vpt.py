@@ -23,11 +23,11 @@ from torch import nn
 
 from ..towers import ImageFeatures, TokenPrompts
 from .base import (
-    PLAIN, ImagePass, MethodConfig, PromptModule, TrainConfig, build_head, head_prompts, resolve_head, underscores_to_spaces,
+    PLAIN, HeadPromptModule, ImagePass, MethodConfig, TrainConfig, build_head, resolve_head, underscores_to_spaces,
 )
 
 if TYPE_CHECKING:
-    from ..loading import Backbone, TextTokens
+    from ..loading import Backbone
 
 
 class VPTConfig(TrainConfig):
@@ -66,17 +66,9 @@ class VPTConfig(TrainConfig):
         return 100
 
 
-class VPTModule(PromptModule):
+class VPTModule(HeadPromptModule):
     is_deep: ClassVar[bool] = False
     prepare_class_name = staticmethod(underscores_to_spaces)
-    text_prompt_hint = " or the template"
-
-    @classmethod
-    def text_prompts(
-        cls, classes: list[str], config: MethodConfig, tokens: "TextTokens | None"
-    ) -> list[list[str]] | None:
-        head, template = config.head, config.template  # type: ignore[attr-defined]
-        return head_prompts(classes, head, template, tokens, cls.prepare_class_name)
 
     def __init__(self, backbone: "Backbone", classes: list[str], config: VPTConfig):
         super().__init__(backbone, classes, config)
