@@ -156,7 +156,13 @@ class Prediction(BaseModel):
 class ClassifyResponse(BaseModel):
     task_id: str
     version: int = Field(description="The prompt version that answered.")
-    predictions: list[list[Prediction]] = Field(description="One list per image, in order; best first.")
+    min_score: float | None = Field(
+        None, description="The threshold applied (the request's `min_score`, else the task's default; null: none)."
+    )
+    predictions: list[list[Prediction]] = Field(
+        description="One list per image, in order; best first. With a `min_score`, only the labels scoring at "
+        "least that: an empty list means none of the classes reached it."
+    )
 
 
 # --------------------------------------------------------------------------- errors

@@ -222,7 +222,7 @@ class _Run:
         self.val_accuracy: float | None = None
         self.train_accuracy: float | None = None
         n_cls = len(classes)
-        self.confusion = _confusion(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), n_cls)
+        self.confusion: list[list[int]] = []  # stays empty without a validation split
         if labels is None:
             self.train_idx = self.val_idx = torch.empty(0, dtype=torch.long)
         elif spec.trainer is Trainer.NONE:  # nothing to train: every image evaluates

@@ -16,7 +16,7 @@ import datetime as dt
 import uuid
 from typing import Any
 
-from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, object_session, relationship
 
 from store.db import Base, utcnow
@@ -148,8 +148,15 @@ class Task(Base):
     error: Mapped[str | None] = mapped_column(Text)
     history: Mapped[list[Any] | None]
     confusion: Mapped[list[Any] | None]
-    #: Prompt version being served; None before the first publish.
+    #: Prompt version being served; None before the first publish. Not always the newest: a
+    #: tenant may serve any kept version (``repo.serve_version``).
     version: Mapped[int | None]
+    #: Grows by one whenever the served prompt changes (a publish, a serve of another version),
+    #: also when the version number goes back: the engine never answers with a prompt of a
+    #: lower generation than one it has seen (``api.engine.cache``).
+    serving_generation: Mapped[int] = mapped_column(default=0, server_default="0")
+    #: The task's default classify threshold (labels scoring below it are left out); None: none.
+    min_score: Mapped[float | None]
     #: State of a retrain run while a version is served: {"status", "progress", "error",
     #: "history"}; read it through ``run``.
     training: Mapped[dict[str, Any] | None]
@@ -235,6 +242,18 @@ class PromptVersion(Base):
     #: The dataset that run trained on (None for zeroshot and before 2026-12; no foreign key:
     #: the dataset row may go once no task uses it, the id stays a record).
     dataset_id: Mapped[str | None] = mapped_column(String(32))
+    #: The method of the prompt (a task's method may differ between versions with ``auto``).
+    method: Mapped[str | None] = mapped_column(String(32))
+    #: Class names in label order (None only for versions published before 2026-12-05: the
+    #: prompt's safetensors header has them).
+    classes: Mapped[list[Any] | None]
+    #: Validation metrics of the run (val_accuracy, train_seconds, n_train, n_val, and with a
+    #: validation split macro_f1 and per_class); None before 2026-12-05.
+    metrics: Mapped[dict[str, Any] | None]
+    #: Validation confusion matrix (rows: true class); None without a validation split.
+    confusion: Mapped[list[Any] | None]
+    #: Per-epoch loss and validation accuracy of the run.
+    history: Mapped[list[Any] | None]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
@@ -257,3 +276,54 @@ class IdempotencyKey(Base):
     #: The task the request created or retrained (no foreign key: the answer outlives a delete).
     task_id: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+
+
+class TaskEvent(Base):
+    """One thing that happened to a task (``store.events``): created, queued, started, epoch,
+    published, served, failed, cancelled, evaluation_queued, evaluated, ... ``id`` grows with
+    time, so it orders the events and is the Server-Sent Events id a client resumes from."""
+
+    __tablename__ = "task_events"
+    __table_args__ = (Index("ix_task_events_task_id_id", "task_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+EVALUATION_STATUSES = (QUEUED, RUNNING, READY, FAILED)
+
+
+class Evaluation(Base):
+    """An evaluation of one prompt version on a labelled zip (``POST /v1/tasks/{id}/evaluate``):
+    the zip is stored under ``evaluations/{tenant}/{task}/{id}.zip`` until the job ran; the
+    result (``store.evaluation`` metrics) stays with the version it evaluated."""
+
+    __tablename__ = "evaluations"
+    __table_args__ = (
+        CheckConstraint("status IN ('queued', 'running', 'ready', 'failed')", name="status_valid"),
+        Index("ix_evaluations_task_id_created_at", "task_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    #: The prompt version evaluated.
+    version: Mapped[int]
+    status: Mapped[str] = mapped_column(String(16), default=QUEUED, index=True)
+    #: The uploaded zip (None once the job is done with it and deleted it).
+    object_key: Mapped[str | None] = mapped_column(String(512))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    #: What was asked: {"top_k", "precision"} (the target precision of the thresholds).
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    result: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    #: As a task's run: the job execution holding it and until when (``worker.evaluate``).
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[dt.datetime | None]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[dt.datetime | None]

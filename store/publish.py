@@ -43,6 +43,7 @@ def publish_prompt(
     history: list[dict[str, Any]] | None = None,
     confusion: list[list[int]] | None = None,
     owner: str | None = None,
+    keep_versions: int = 0,
 ) -> PromptVersion | None:
     """Store ``data`` under ``prompts/{tenant}/{task}/{sha256}.safetensors`` and then publish it
     as the task's next version. Returns the new ``PromptVersion``, or None when the run is not
@@ -72,6 +73,7 @@ def publish_prompt(
                 history=history,
                 confusion=confusion,
                 owner=owner,
+                keep_versions=keep_versions,
             )
     except IntegrityError:  # a concurrent duplicate committed the same version first
         pv = None

@@ -41,6 +41,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from store.db import utcnow
+from store.events import MAX_EPOCH_EVENTS, add_event
 from store.models import (
     ACTIVE_STATUSES,
     CANCELLED,
@@ -272,6 +273,8 @@ def create_task(
     )
     s.add(task)
     s.flush()
+    add_event(s, task_id=task.id, tenant_id=tenant_id, kind="created", method=method, classes=len(task.classes))
+    add_event(s, task_id=task.id, tenant_id=tenant_id, kind="queued", attempt=1, retrain=False)
     return task
 
 
@@ -307,7 +310,10 @@ def _read_task(s: Session, task_id: str, *, tenant_id: str | None = None) -> Tas
 
 
 def _same_version(version: int | None) -> Any:
-    return Task.version.is_(None) if version is None else Task.version == version
+    """The task is still in the shape it was read in: no version served (the run's state in
+    ``status``) or one served (in ``training``). Which version is served may change meanwhile
+    (``serve_version``) without touching the run, so a rollback never stops a retrain."""
+    return Task.version.is_(None) if version is None else Task.version.is_not(None)
 
 
 def _cas(s: Session, task_id: str, *conditions: Any, values: dict[str, Any]) -> bool:
@@ -410,6 +416,8 @@ def request_retrain(
     )
     if not won:
         raise _refused(task_id, _read_task(s, task_id, tenant_id=tenant_id), "retraining")
+    add_event(s, task_id=task.id, tenant_id=tenant_id, kind="queued", attempt=task.attempt + 1,
+              retrain=task.version is not None)
     return _read_task(s, task_id, tenant_id=tenant_id)
 
 
@@ -440,6 +448,8 @@ def request_cancel(s: Session, task_id: str, *, tenant_id: str) -> Task | None:
             what = f"status {task.status}" if state is None or state == task.status else f"its last run is {state}"
             raise TaskStateError(f"task {task_id} has no queued or running run to cancel ({what})")
         if won:
+            add_event(s, task_id=task.id, tenant_id=tenant_id, kind="cancelled" if state == QUEUED else "cancel_requested",
+                      attempt=task.attempt)
             return _read_task(s, task_id, tenant_id=tenant_id)
     raise _refused(task_id, _read_task(s, task_id, tenant_id=tenant_id), "cancelling")
 
@@ -503,6 +513,12 @@ class ServingInfo:
     version: int | None
     object_key: str | None
     fingerprint: str | None
+    #: Grows whenever the served prompt changes (``Task.serving_generation``).
+    generation: int = 0
+    #: The task's default threshold (``Task.min_score``).
+    min_score: float | None = None
+    #: The served version's method (a task's may differ per version); None: the task's.
+    version_method: str | None = None
 
 
 def serving_info(s: Session, task_id: str, *, tenant_id: str) -> ServingInfo | None:
@@ -512,6 +528,7 @@ def serving_info(s: Session, task_id: str, *, tenant_id: str) -> ServingInfo | N
         select(
             Task.status, Task.error, Task.method, Task.classes,
             PromptVersion.version, PromptVersion.object_key, PromptVersion.fingerprint,
+            Task.serving_generation, Task.min_score, PromptVersion.method,
         )
         .outerjoin(
             PromptVersion,
@@ -533,6 +550,127 @@ def list_versions(s: Session, task_id: str, *, tenant_id: str) -> list[PromptVer
             .order_by(PromptVersion.version)
         )
     )
+
+
+def get_version(s: Session, task_id: str, version: int, *, tenant_id: str) -> PromptVersion | None:
+    """Version ``version`` of the tenant's task, or None (unknown task, foreign, or no such
+    version, e.g. pruned)."""
+    return s.scalar(
+        select(PromptVersion).where(
+            PromptVersion.task_id == task_id, PromptVersion.tenant_id == tenant_id, PromptVersion.version == version
+        )
+    )
+
+
+def serving_generation(s: Session, task_id: str) -> int | None:
+    """The task's serving generation now (job side: by id alone); None if it is gone."""
+    return s.scalar(select(Task.serving_generation).where(Task.id == task_id))
+
+
+def next_version_number(s: Session, task_id: str) -> int:
+    """The number the task's next published version gets: one more than any it ever had
+    (versions only grow, also after a rollback; pruned numbers are never reused because the
+    served and the newest versions are never pruned)."""
+    return int(s.scalar(select(func.max(PromptVersion.version)).where(PromptVersion.task_id == task_id)) or 0) + 1
+
+
+class VersionNotFound(StoreError):
+    """The task has no such version (never published, or pruned) (API: 404)."""
+
+
+class VersionIncompatible(StoreError):
+    """The version cannot be served here, e.g. made on another backbone (API: 409)."""
+
+
+def serve_version(
+    s: Session, task_id: str, version: int, *, tenant_id: str, fingerprint: str,
+    classes: Sequence[str] | None = None,
+) -> Task | None:
+    """Make ``version`` the task's served prompt (a rollback or a roll-forward), effective for
+    every request that reads the task after the commit: ``version`` and the task's record
+    (classes, metrics, confusion, history) switch to the version's, and ``serving_generation``
+    grows by one so the engines never answer again with the prompt served before. A retrain in
+    progress is not touched: when it publishes, its version is served.
+
+    ``fingerprint``: the serving backbone's; a version made on another one raises
+    ``VersionIncompatible``. ``classes``: the version's classes when its row predates their
+    record (read from the prompt's header by the caller). Serving the version already served
+    changes nothing. None: unknown or foreign task; ``VersionNotFound``: no such version;
+    ``TaskStateError``: the served version changed while this ran (try again)."""
+    task = _read_task(s, task_id, tenant_id=tenant_id)
+    if task is None:
+        return None
+    pv = get_version(s, task_id, version, tenant_id=tenant_id)
+    if pv is None:
+        kept = [v for (v,) in s.execute(
+            select(PromptVersion.version).where(PromptVersion.task_id == task_id).order_by(PromptVersion.version)
+        )]
+        have = ", ".join(map(str, kept)) if kept else "none yet"
+        raise VersionNotFound(f"task {task_id} has no version {version} (versions kept: {have})")
+    if pv.fingerprint != fingerprint:
+        raise VersionIncompatible(
+            f"version {version} of task {task_id} was tuned on backbone {fingerprint_label(pv.fingerprint)}, "
+            f"not on the one this service runs ({fingerprint_label(fingerprint)}); retrain to make a version for it"
+        )
+    if task.version == version:
+        return task
+    pv_classes = list(pv.classes) if isinstance(pv.classes, list) else (list(classes) if classes is not None else None)
+    if pv_classes is None:
+        raise VersionIncompatible(f"version {version} of task {task_id} does not record its classes")
+    values: dict[str, Any] = {
+        "version": version,
+        "serving_generation": Task.serving_generation + 1,
+        "classes": pv_classes,
+        "metrics": dict(pv.metrics) if isinstance(pv.metrics, dict) else None,
+        "confusion": pv.confusion if isinstance(pv.confusion, list) else None,
+        "history": pv.history if isinstance(pv.history, list) else None,
+    }
+    won = _cas(
+        s, task.id, Task.tenant_id == tenant_id, Task.version == task.version,
+        Task.serving_generation == task.serving_generation, values=values,
+    )
+    if not won:
+        raise TaskStateError(f"task {task_id}: its served version changed while this request ran; read it and try again")
+    add_event(s, task_id=task.id, tenant_id=tenant_id, kind="served", version=version, previous=task.version)
+    return _read_task(s, task_id, tenant_id=tenant_id)
+
+
+def fingerprint_label(fingerprint: str | None) -> str:
+    """A fingerprint as people read it: the backbone spec and the first 12 digits of its weights'
+    hash (``spec#sha256``)."""
+    fp = str(fingerprint or "")
+    spec, _, digest = fp.rpartition("#") if "#" in fp else (fp, "", "")
+    return f"{spec} (weights {digest[:12]})" if digest else fp
+
+
+def prune_versions(s: Session, task_id: str, *, keep: int) -> int:
+    """Delete the task's oldest version rows beyond the newest ``keep`` (``keep`` <= 0: keep
+    all), never the served one; returns how many went. Their objects are left to the garbage
+    collector (``store.consistency``), which deletes unreferenced prompts after its grace
+    period: a request that read a pruned version a moment ago still finds its object."""
+    if keep <= 0:
+        return 0
+    served = s.scalar(select(Task.version).where(Task.id == task_id))
+    rows = list(s.execute(
+        select(PromptVersion.id, PromptVersion.version)
+        .where(PromptVersion.task_id == task_id)
+        .order_by(PromptVersion.version.desc())
+    ))
+    doomed = [r.id for r in rows[keep:] if r.version != served]
+    if doomed:
+        s.execute(delete(PromptVersion).where(PromptVersion.id.in_(doomed)).execution_options(synchronize_session=False))
+    return len(doomed)
+
+
+def set_min_score(s: Session, task_id: str, min_score: float | None, *, tenant_id: str) -> Task | None:
+    """Set (or clear, None) the task's default classify threshold in [0, 1]; None if unknown."""
+    task = _read_task(s, task_id, tenant_id=tenant_id)
+    if task is None:
+        return None
+    if not _cas(s, task.id, Task.tenant_id == tenant_id, values={"min_score": min_score}):
+        return None
+    add_event(s, task_id=task.id, tenant_id=tenant_id, kind="min_score", min_score=min_score)
+    return _read_task(s, task_id, tenant_id=tenant_id)
 
 
 def task_status_counts(s: Session) -> dict[str, int]:
@@ -609,6 +747,7 @@ def claim_run(
         values["error"] = None
     if not _cas(s, task.id, *conditions, values=values):
         return None
+    add_event(s, task_id=task.id, tenant_id=task.tenant_id, kind="started", attempt=attempt, worker=owner)
     return _read_task(s, task_id)
 
 
@@ -681,6 +820,14 @@ def record_progress(
         s, task.id, Task.attempt == attempt, Task.run_status == RUNNING, _same_version(task.version),
         *_owned(owner), values=values,
     )
+    if won and history:
+        seen = {h.get("epoch") for h in (task.run.history or []) if isinstance(h, dict)}
+        for h in history:
+            epoch = h.get("epoch") if isinstance(h, dict) else None
+            if epoch is not None and epoch not in seen and (len(seen) < MAX_EPOCH_EVENTS or h is history[-1]):
+                seen.add(epoch)
+                add_event(s, task_id=task.id, tenant_id=task.tenant_id, kind="epoch", attempt=attempt, epoch=epoch,
+                          loss=h.get("loss"), val_accuracy=h.get("val_accuracy"))
     if won:
         s.expire(task)
     return won and not task.cancel_requested
@@ -713,9 +860,10 @@ def publish_version(
     history: list[dict[str, Any]] | None = None,
     confusion: list[list[int]] | None = None,
     owner: str | None = None,
+    keep_versions: int = 0,
 ) -> PromptVersion | None:
     """Publish the run's prompt whose object is already stored: switch the task to version
-    ``task.version + 1`` (status ready, progress 1, metrics, confusion, history, classes;
+    ``next_version_number`` (status ready, progress 1, metrics, confusion, history, classes;
     ``training`` shows ready for a retrain) with one conditional UPDATE, then insert that
     ``PromptVersion``. Make it the only write of its transaction and commit right after.
 
@@ -723,22 +871,24 @@ def publish_version(
     already published/failed/cancelled), a cancel was requested (a cancel and a publish never
     both win), or ``owner`` given and the run is no longer held by it (taken over after its
     lease expired). A duplicate version row (unique(task_id, version)) rolls the session back
-    and gives None too.
+    and gives None too. ``keep_versions`` > 0: prune older versions beyond that many
+    (``prune_versions``) in the same transaction.
     """
     task = _current_running(s, task_id, attempt, owner)
     if task is None or task.cancel_requested:
         return None
-    version = (task.version or 0) + 1
+    version = next_version_number(s, task.id)
     retrain = task.version is not None
     values: dict[str, Any] = {
         "version": version,
+        "serving_generation": Task.serving_generation + 1,
         "status": READY,
         "run_status": READY,
         "progress": 1.0,
         "error": None,
         "metrics": dict(metrics),
         "history": list(history) if history is not None else None,
-        "confusion": [list(r) for r in confusion] if confusion is not None else None,
+        "confusion": [list(r) for r in confusion] if confusion else None,
         "classes": list(classes),
         "training": {"status": READY, "progress": 1.0, "error": None} if retrain else None,
         "cancel_requested": False,
@@ -760,6 +910,11 @@ def publish_version(
         fingerprint=fingerprint,
         config=dict(task.config or {}),  # the run's own: no retrain can change it while it runs
         dataset_id=task.dataset_id,
+        method=task.method,
+        classes=list(classes),
+        metrics=dict(metrics),
+        confusion=[list(r) for r in confusion] if confusion else None,
+        history=list(history) if history is not None else None,
     )
     s.add(pv)
     try:
@@ -767,6 +922,9 @@ def publish_version(
     except IntegrityError:
         s.rollback()
         return None
+    add_event(s, task_id=task.id, tenant_id=task.tenant_id, kind="published", version=version,
+              val_accuracy=metrics.get("val_accuracy"))
+    prune_versions(s, task.id, keep=keep_versions)
     s.expire(task)
     return pv
 
@@ -783,6 +941,7 @@ def fail_run(s: Session, task_id: str, attempt: int, *, error: str, owner: str |
         *_owned(owner), values=_finish_values(task, FAILED, error=error),
     )
     if won:
+        add_event(s, task_id=task.id, tenant_id=task.tenant_id, kind="failed", attempt=attempt, reason=error)
         s.expire(task)
     return won
 
@@ -800,6 +959,7 @@ def mark_cancelled(s: Session, task_id: str, attempt: int, *, owner: str | None 
         *extra, values=_finish_values(task, CANCELLED, error=None),
     )
     if won:
+        add_event(s, task_id=task.id, tenant_id=task.tenant_id, kind="cancelled", attempt=attempt)
         s.expire(task)
     return won
 
@@ -892,7 +1052,11 @@ def requeue_stalled_run(s: Session, run: StuckRun, *, now: dt.datetime) -> bool:
         values["training"] = {**(task.training or {}), "status": QUEUED, "error": None}
     else:
         values["status"] = QUEUED
-    return _cas(s, run.task_id, *_stalled(run, now), _same_version(task.version), values=values)
+    won = _cas(s, run.task_id, *_stalled(run, now), _same_version(task.version), values=values)
+    if won:
+        add_event(s, task_id=task.id, tenant_id=task.tenant_id, kind="requeued", attempt=run.attempt,
+                  requeues=run.requeues + 1)
+    return won
 
 
 def fail_stalled_run(s: Session, run: StuckRun, *, now: dt.datetime, error: str) -> bool:
@@ -906,5 +1070,6 @@ def fail_stalled_run(s: Session, run: StuckRun, *, now: dt.datetime, error: str)
         values=_finish_values(task, FAILED, error=error),
     )
     if won:
+        add_event(s, task_id=task.id, tenant_id=task.tenant_id, kind="failed", attempt=run.attempt, reason=error)
         s.expire(task)
     return won

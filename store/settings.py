@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     max_uncompressed_bytes: int = Field(1 * GiB, gt=0, description="Largest total uncompressed dataset size.")
     max_classify_images: int = Field(64, gt=0, description="Most images in one classify request.")
     prompt_cache_bytes: int = Field(1 * GiB, ge=0, description="Device bytes of resident prompts kept cached.")
+    max_versions_per_task: int = Field(
+        20, ge=0, description="Prompt versions kept per task: older ones beyond this many are pruned at each "
+        "publish (never the served one; 0 keeps all). A version is a few kilobytes to a few megabytes.",
+    )
     max_batch: int = Field(32, gt=0, description="Largest batch (images) the inference engine forms.")
     max_wait_ms: float = Field(
         5, ge=0, description="How long the engine waits, from a batch's oldest request, to fill it."

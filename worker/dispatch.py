@@ -49,7 +49,7 @@ class Dispatcher(Protocol):
     kind: DispatcherKind
     #: The queue the jobs wait in (the broker queue the workers consume, for Celery).
     queue: str
-    #: Called with (task_id, version) when a job run by this process publishes a version
+    #: Called with (task_id, serving generation) when a job run by this process publishes a version
     #: (jobs run elsewhere announce through the database and Redis instead).
     on_published: Callable[[str, int], None] | None
 
@@ -157,7 +157,7 @@ class ThreadDispatcher:
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, int], Future[None]] = {}
         self._executor: ThreadPoolExecutor | None = None
-        #: Called with (task_id, version) after a job of this pool publishes a version.
+        #: Called with (task_id, serving generation) after a job of this pool publishes a version.
         self.on_published: Callable[[str, int], None] | None = None
         self._reconciler: "Reconciler | None" = None
 

@@ -119,7 +119,7 @@ def run_tune_job(
     """Run tuning attempt ``attempt`` of task ``task_id``; returns what happened
     (``"published"``, ``"skipped"``, ``"cancelled"``, ``"failed"``).
 
-    ``on_published(task_id, version)`` is called after a version is published (the
+    ``on_published(task_id, generation)`` is called after a version is published (the
     in-process runner tells its own inference engine). Raises ``TransientJobError`` for
     errors worth a retry, ``JobInterrupted`` when
     ``stop_event`` is set (process shutting down).
@@ -163,7 +163,7 @@ def _run(
             config=dict(task.config or {}),
             classes=list(task.classes or []),
             dataset_key=dataset_key,
-            next_version=(task.version or 0) + 1,
+            next_version=repo.next_version_number(s, task.id),
         )
     log.info("task %s attempt %s: tuning %s", task_id, attempt, run.method)
 
@@ -319,7 +319,7 @@ def _tune_and_publish(
 
     metrics = _jsonable(dict(result.metrics))
     history = _jsonable(list(result.history))
-    confusion = [[int(v) for v in row] for row in result.confusion]
+    confusion = [[int(v) for v in row] for row in result.confusion] or None  # None: no validation split
     data = result.prompt.to_bytes(
         extra={"version": str(run.next_version), "task_id": task_id, "attempt": str(attempt)}
     )
@@ -335,6 +335,7 @@ def _tune_and_publish(
         history=history,
         confusion=confusion,
         owner=lease.owner,
+        keep_versions=settings.max_versions_per_task,
     )
     if pv is None:
         with session_scope(sm) as s:  # refused because a cancel won the race with the publish?
@@ -348,10 +349,13 @@ def _tune_and_publish(
         log.info("task %s attempt %s: run no longer current; nothing published", task_id, attempt)
         return "skipped"
     log.info("task %s attempt %s: published version %s (%d bytes)", task_id, attempt, pv.version, pv.size)
-    if settings.redis_url:  # API replicas drop the old version from their caches at once
-        announce_version(settings.redis_url, task_id, pv.version)
-    if on_published is not None:
-        on_published(task_id, pv.version)
+    with session_scope(sm) as s:  # the generation the publish made (or a later one: as good)
+        generation = repo.serving_generation(s, task_id)
+    if generation is not None:
+        if settings.redis_url:  # API replicas drop the old prompt from their caches at once
+            announce_version(settings.redis_url, task_id, generation)
+        if on_published is not None:
+            on_published(task_id, generation)
     return "published"
 
 

@@ -2,9 +2,12 @@
 class text features, heads) on the device, an LRU bounded by bytes, one version per task,
 loaded once per miss however many requests ask at the same moment (single flight).
 
-A newer version (seen in a request, which reads the served version from the database) or
-a delete evicts the old entry at once, and a request that read an older version than the
-newest this process knows is refused with ``StaleVersion``.
+Prompts are ordered by the task's serving generation (``ServingRef.generation``), which grows
+whenever the served prompt changes, a rollback to an older version included: a newer
+generation (seen in a request, which reads it from the database, or announced by another
+replica) or a delete evicts the old entry at once, and a request that read an older
+generation than the newest this process knows is refused with ``StaleVersion``: no answer
+ever comes from a prompt other than the one most recently chosen.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ DELETED = 2**62
 @dataclass
 class _Entry:
     version: int
+    generation: int
     resident: "ResidentPrompt"
     nbytes: int
 
@@ -61,7 +65,7 @@ class PromptCache:
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # task_id -> entry, LRU first
         self._inflight: dict[tuple[str, int], Future[ResidentPrompt]] = {}
-        self._latest: dict[str, int] = {}  # task_id -> newest version known (DELETED when deleted)
+        self._latest: dict[str, int] = {}  # task_id -> newest generation known (DELETED when deleted)
         self._epoch: dict[str, int] = {}  # bumped on every eviction of a task: late loads are not cached
         self._bytes = 0
         self.hits = self.misses = self.loads = 0
@@ -82,21 +86,24 @@ class PromptCache:
             return {k: e.version for k, e in self._entries.items()}
 
     def latest(self, task_id: str) -> int | None:
+        """The newest serving generation known for the task (``DELETED`` once deleted)."""
         return self._latest.get(task_id)
 
     def get(self, ref: ServingRef) -> "Future[ResidentPrompt]":
-        """Future of ``ref``'s ResidentPrompt. Raises StaleVersion when a newer version is known."""
+        """Future of ``ref``'s ResidentPrompt. Raises StaleVersion when a newer generation is known."""
         announce = False
         with self._lock:
             known = self._latest.get(ref.task_id)
-            if known is not None and ref.version < known:
-                raise StaleVersion(f"task {ref.task_id}: version {ref.version} is older than {known}")
-            if known is None or ref.version > known:
-                self._latest[ref.task_id] = ref.version
-                self._drop_task(ref.task_id, "version", keep=ref.version)
+            if known is not None and ref.generation < known:
+                raise StaleVersion(
+                    f"task {ref.task_id}: serving generation {ref.generation} is older than {known}"
+                )
+            if known is None or ref.generation > known:
+                self._latest[ref.task_id] = ref.generation
+                self._drop_task(ref.task_id, "version", keep=ref.generation)
                 announce = True
             entry = self._entries.get(ref.task_id)
-            if entry is not None and entry.version == ref.version:
+            if entry is not None and entry.generation == ref.generation:
                 self._entries.move_to_end(ref.task_id)
                 self.hits += 1
                 self.metrics.cache_hits.inc()
@@ -105,7 +112,7 @@ class PromptCache:
                 return fut
             self.misses += 1
             self.metrics.cache_misses.inc()
-            key = (ref.task_id, ref.version)
+            key = (ref.task_id, ref.generation)
             fut = self._inflight.get(key)
             if fut is None:
                 fut = Future()
@@ -113,11 +120,11 @@ class PromptCache:
                 epoch = self._epoch.get(ref.task_id, 0)
                 self._loads.submit(self._load, ref, fut, epoch)
         if announce and self.on_new_version is not None:
-            self.on_new_version(ref.task_id, ref.version)
+            self.on_new_version(ref.task_id, ref.generation)
         return fut
 
     def _load(self, ref: ServingRef, fut: "Future[ResidentPrompt]", epoch: int) -> None:
-        key = (ref.task_id, ref.version)
+        key = (ref.task_id, ref.generation)
         try:
             with self._lock:
                 self.loads += 1
@@ -133,13 +140,13 @@ class PromptCache:
             self._inflight.pop(key, None)
             current = (
                 self._epoch.get(ref.task_id, 0) == epoch
-                and self._latest.get(ref.task_id) == ref.version
+                and self._latest.get(ref.task_id) == ref.generation
             )
             if current and nbytes <= self.budget:
                 self._drop_task(ref.task_id, "version")
                 while self._entries and self._bytes + nbytes > self.budget:
                     self._drop(next(iter(self._entries)), "budget")
-                self._entries[ref.task_id] = _Entry(ref.version, resident, nbytes)
+                self._entries[ref.task_id] = _Entry(ref.version, ref.generation, resident, nbytes)
                 self._bytes += nbytes
             elif current:
                 log.warning(
@@ -156,21 +163,22 @@ class PromptCache:
 
     def _drop_task(self, task_id: str, reason: str, keep: int | None = None) -> None:
         entry = self._entries.get(task_id)
-        if entry is not None and entry.version != keep:
+        if entry is not None and entry.generation != keep:
             self._drop(task_id, reason)
             self._epoch[task_id] = self._epoch.get(task_id, 0) + 1
 
-    def note_version(self, task_id: str, version: int | None, reason: str) -> bool:
-        """Another source says ``version`` is now served (None: the task was deleted): drop
-        older entries at once and refuse older requests. True when it was news."""
-        newest = DELETED if version is None else int(version)
+    def note_version(self, task_id: str, generation: int | None, reason: str) -> bool:
+        """Another source says serving generation ``generation`` is now the task's (None: the
+        task was deleted): drop older entries at once and refuse older requests. True when it
+        was news."""
+        newest = DELETED if generation is None else int(generation)
         with self._lock:
             known = self._latest.get(task_id)
             news = known is None or newest > known
             if news:
                 self._latest[task_id] = newest
             entry = self._entries.get(task_id)
-            if entry is not None and entry.version < newest:
+            if entry is not None and entry.generation < newest:
                 self._drop(task_id, reason)
             if news:  # a load of an older version still under way must not be cached
                 self._epoch[task_id] = self._epoch.get(task_id, 0) + 1

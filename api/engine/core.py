@@ -139,10 +139,11 @@ class Engine:
         if self.bus is not None:
             self.bus.publish(task_id, None)
 
-    def published(self, task_id: str, version: int) -> None:
-        """A job of this process published ``version``: drop the older one at once (other
-        replicas hear of it from the job's own Redis announcement)."""
-        self.cache.note_version(task_id, int(version), "version")
+    def published(self, task_id: str, generation: int) -> None:
+        """A job of this process published a version, or a request of this process chose one to
+        serve, making ``generation`` the task's serving generation: drop the older prompt at
+        once (other replicas hear of it through Redis)."""
+        self.cache.note_version(task_id, int(generation), "version")
 
     def observe(self, method: str, outcome: str, seconds: float | None = None) -> None:
         self.metrics.requests.labels(method or "unknown", outcome).inc()
@@ -214,14 +215,14 @@ class Engine:
 
     def _is_stale(self, req: PendingRequest) -> bool:
         known = self.cache.latest(req.ref.task_id)
-        return known is not None and known > req.ref.version
+        return known is not None and known > req.ref.generation
 
-    def _announce(self, task_id: str, version: int) -> None:
+    def _announce(self, task_id: str, generation: int) -> None:
         if self.bus is not None:
-            self.bus.publish(task_id, version)
+            self.bus.publish(task_id, generation)
 
-    def _remote_invalidation(self, task_id: str, version: int | None) -> None:
-        self.cache.note_version(task_id, version, "remote" if version is not None else "deleted")
+    def _remote_invalidation(self, task_id: str, generation: int | None) -> None:
+        self.cache.note_version(task_id, generation, "remote" if generation is not None else "deleted")
 
 
 def _retrieve(fut: "asyncio.Future[ResidentPrompt]") -> None:

@@ -1,7 +1,8 @@
-"""Prompt invalidation across API replicas: Redis pub/sub of ``{"task_id", "version"}``.
+"""Prompt invalidation across API replicas: Redis pub/sub of ``{"task_id", "generation"}``.
 
-With ``PROMPTSTORE_REDIS_URL`` set, a replica that sees a newer served version of a task (or
-deletes it) tells every other replica, which drops its cached prompt of that task at once.
+With ``PROMPTSTORE_REDIS_URL`` set, a replica that sees a newer serving generation of a task (a
+published version, or one a tenant chose to serve; or deletes the task) tells every other
+replica, which drops its cached prompt of that task at once.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import threading
 import uuid
 from collections.abc import Callable
 
-from store.announce import prompt_channel, version_message
+from store.announce import message_generation, prompt_channel, version_message
 
 log = logging.getLogger("promptstore.engine")
 
 
 class InvalidationBus:
-    """Redis pub/sub between replicas: ``{"task_id", "version"}`` (version null: deleted).
+    """Redis pub/sub between replicas: ``{"task_id", "generation"}`` (null: deleted).
 
     ``publish`` never raises (a Redis outage costs memory, not correctness: every request
     still reads its served version from the database). The subscriber thread reconnects
@@ -46,8 +47,8 @@ class InvalidationBus:
         self._thread.start()
         self._publisher.start()
 
-    def publish(self, task_id: str, version: int | None) -> None:
-        msg = version_message(task_id, version, self.origin)
+    def publish(self, task_id: str, generation: int | None) -> None:
+        msg = version_message(task_id, generation, self.origin)
         try:
             self._outbox.put_nowait(msg)
         except queue.Full:
@@ -97,7 +98,7 @@ class InvalidationBus:
             if msg.get("origin") == self.origin:
                 return
             task_id = str(msg["task_id"])
-            version = None if msg.get("version") is None else int(msg["version"])
+            version = message_generation(msg)
         except (ValueError, KeyError, TypeError):
             log.warning("ignored a malformed prompt invalidation message: %r", data)
             return

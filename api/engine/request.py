@@ -17,7 +17,10 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ServingRef:
-    """What classify needs to know about a task's served prompt version."""
+    """What classify needs to know about a task's served prompt version. ``generation``: the
+    task's serving generation (``Task.serving_generation``), which grows whenever the served
+    prompt changes, also when ``version`` goes back (a rollback); the engine orders prompts by
+    it. Left at -1 it is ``version`` (callers that never roll back: tests, benchmarks)."""
 
     task_id: str
     version: int
@@ -25,6 +28,13 @@ class ServingRef:
     fingerprint: str
     classes: tuple[str, ...]
     method: str = ""
+    generation: int = -1
+    #: The task's default classify threshold (``Task.min_score``); None: none.
+    min_score: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.generation < 0:
+            object.__setattr__(self, "generation", int(self.version))
 
 
 class Prediction(TypedDict):
@@ -43,7 +53,8 @@ class UnusableScores(PromptUnavailable):
 
 
 class StaleVersion(Exception):
-    """The request read a prompt version older than one this process knows; re-read it."""
+    """The request read a prompt of a serving generation older than one this process knows
+    (a newer version was published, or the tenant chose another one); re-read it."""
 
 
 class QueueFull(Exception):
@@ -104,7 +115,7 @@ class Inference(Protocol):
 
     def evict(self, task_id: str) -> None: ...
 
-    def published(self, task_id: str, version: int) -> None: ...
+    def published(self, task_id: str, generation: int) -> None: ...
 
     def stats(self) -> "EngineStats": ...
 

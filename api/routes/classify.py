@@ -85,7 +85,9 @@ def _ref_of(info: repo.ServingInfo | None, task_id: str) -> ServingRef:
         object_key=info.object_key,
         fingerprint=str(info.fingerprint),
         classes=tuple(info.classes or ()),
-        method=info.method,
+        method=info.version_method or info.method,
+        generation=info.generation,
+        min_score=info.min_score,
     )
 
 
@@ -104,12 +106,18 @@ async def classify(
     task_id: str,
     request: Request,
     top_k: int | None = Query(None, ge=1, description="Predictions per image (default: all classes)."),
+    min_score: float | None = Query(
+        None, ge=0.0, le=1.0,
+        description="Leave out labels scoring below this (0..1); an image with none left gets an empty "
+        "list (\"none of these\"). Default: the task's `min_score` (PATCH /v1/tasks/{id}), else none.",
+    ),
     target: tuple[CurrentTenant, ServingRef] = Depends(classify_target),
     state: ServiceState = Depends(get_state),
 ) -> ClassifyResponse:
     """Classify one or more images (multipart ``images`` parts, or JSON ``{"images": [base64, ...]}``)
     with the task's served prompt. Scores are softmax probabilities over the task's classes,
-    best first. 409 while the task has no ready version."""
+    best first; with ``min_score`` (or the task's default) only the labels scoring at least that
+    are listed. 409 while the task has no ready version."""
     settings = state.settings
     started = time.perf_counter()
     tenant, ref = target
@@ -145,4 +153,7 @@ async def classify(
         for img in images:
             img.close()
         engine.observe(ref.method, outcome, time.perf_counter() - started if outcome == "ok" else None)
-    return ClassifyResponse(task_id=ref.task_id, version=ref.version, predictions=predictions)
+    threshold = min_score if min_score is not None else ref.min_score
+    if threshold is not None:
+        predictions = [[p for p in image if p["score"] >= threshold] for image in predictions]
+    return ClassifyResponse(task_id=ref.task_id, version=ref.version, min_score=threshold, predictions=predictions)

@@ -42,11 +42,11 @@ def test_published_version_is_announced_on_redis(settings_factory: Any, make_api
             seen.append(msg)
             if msg.get("origin") == JOB_ORIGIN:
                 break
-        assert {"task_id": task["id"], "version": 1, "origin": JOB_ORIGIN} in seen, seen
+        assert {"task_id": task["id"], "generation": 1, "origin": JOB_ORIGIN} in seen, seen
     finally:
         pubsub.close()
 
 
 def test_announcing_to_an_unreachable_redis_only_warns(caplog: Any) -> None:
     assert announce_version("redis://127.0.0.1:1/0", "t1", 2) is False
-    assert "could not announce version 2 of task t1" in caplog.text
+    assert "could not announce generation 2 of task t1" in caplog.text

@@ -425,9 +425,11 @@ def test_duplicate_publish_is_a_no_op(session_factory):
         assert [(r.version, r.sha256) for r in rows] == [(1, "b" * 64)]
 
 
-def test_racing_publish_hits_the_unique_constraint_harmlessly(session_factory):
-    """A duplicate that passed the state check (as two workers racing on SQLite can) is
-    stopped by unique(task_id, version): rolled back, None, task untouched."""
+def test_racing_publish_hits_the_unique_constraint_harmlessly(session_factory, monkeypatch):
+    """A duplicate that passed the state check and read the version number before the other
+    worker's commit (as two workers racing on SQLite can) is stopped by unique(task_id,
+    version): rolled back, None, task untouched."""
+    monkeypatch.setattr(repo, "next_version_number", lambda s, task_id: 1)  # read before the other commit
     tenant, _ = make_tenant(session_factory)
     task = make_task(session_factory, tenant.id)
     claim(session_factory, task.id, 1)
