@@ -78,7 +78,10 @@ def create_app(
         requests=RequestCounter(sm),
     )
 
-    gc = PeriodicCollector(sm, objects, interval=settings.gc_interval, grace_s=settings.gc_grace)
+    gc = PeriodicCollector(
+        sm, objects, interval=settings.gc_interval, grace_s=settings.gc_grace,
+        prediction_record_s=settings.prediction_record_s,
+    )
 
     # jobs this process runs tell the engine at once (others announce through Redis)
     state.dispatcher.on_published = state.inference.published
@@ -118,13 +121,17 @@ def create_app(
 
     install_openapi(app)  # error responses described as {"detail": str} (api/openapi.py)
 
-    from api.routes import classify, fsck, ops, tasks, tenants
+    from api.routes import classify, evaluations, events, fsck, ops, samples, tasks, tenants, versions
 
     app.include_router(ops.router)
     app.include_router(fsck.router)
     app.include_router(tenants.router)
     app.include_router(tasks.router)
     app.include_router(classify.router)
+    app.include_router(versions.router)
+    app.include_router(evaluations.router)
+    app.include_router(events.router)
+    app.include_router(samples.router)
     from api.admin import install_admin_errors, router as admin_router
 
     app.include_router(admin_router)

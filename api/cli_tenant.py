@@ -1,6 +1,6 @@
 """The tenant's side of the ``promptstore`` command line, over HTTP (``api.client``):
-``tasks create/list/get/retrain/cancel/delete``, ``classify``, ``prompt download``, and the
-admin's ``tenant list``; ``--version`` on the top-level app.
+``tasks create/list/get/retrain/cancel/delete/versions/serve/evaluate/events``, ``classify``,
+``prompt download``, and the admin's ``tenant list``; ``--version`` on the top-level app.
 
 Each command prints its result as JSON on stdout (one object; ``tasks list`` and ``tenant
 list`` one list) and everything else (progress, what to do next, errors) on stderr. Errors are
@@ -32,7 +32,10 @@ ADMIN_TOKEN_FILE = Path("var") / "admin_token"  # = api.cli.ADMIN_TOKEN_FILE, wh
 POLL_SECONDS = 0.5
 ACTIVE = ("queued", "running")
 
-tasks_app = typer.Typer(help="Your tasks: create, list, get, retrain, cancel, delete.", no_args_is_help=True)
+tasks_app = typer.Typer(
+    help="Your tasks: create, list, get, retrain, cancel, delete; their versions, evaluations and events.",
+    no_args_is_help=True,
+)
 prompt_app = typer.Typer(help="Your tasks' prompts.", no_args_is_help=True)
 
 # --------------------------------------------------------------------------- shared options
@@ -130,7 +133,7 @@ def _resolve(client: PromptstoreClient, ref: str) -> str:
     ref = ref.strip()
     if re.fullmatch(r"[0-9a-f]{32}", ref):
         return ref
-    named = [t["id"] for t in client.list_tasks() if t.get("name") == ref]
+    named = [t["id"] for t in client.list_tasks(name_prefix=ref[:200]) if t.get("name") == ref]
     if not named:
         _fail(f"no task with the id or name {ref!r}; `promptstore tasks list` shows your tasks")
     if len(named) > 1:
@@ -223,7 +226,7 @@ def _read_images(paths: list[Path]) -> list[tuple[str, bytes]]:
 
 def _wait(client: PromptstoreClient, task: dict[str, Any], timeout: float | None) -> dict[str, Any]:
     """Poll the task until its current run is no longer queued or running; a progress bar on
-    stderr meanwhile. Returns the last task read."""
+    stderr meanwhile. Returns the task then, read once more with its per-epoch history."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
@@ -245,7 +248,7 @@ def _wait(client: PromptstoreClient, task: dict[str, Any], timeout: float | None
             task = client.get_task(tid)
             status, progress, _ = run_state(task)
             bar.update(job, completed=progress, description=f"{name}: {status}")
-    return task
+    return client.get_task(tid, include=("history",))  # the finished run's epochs, once
 
 
 def _finish(task: dict[str, Any]) -> None:
@@ -357,7 +360,7 @@ def tasks_get(
 ) -> None:
     """Show a task: status, progress, metrics, history."""
     with _client(url, api_key=api_key) as client:
-        out = client.get_task(_resolve(client, task))
+        out = client.get_task(_resolve(client, task), include=("history",))
         if not wait:
             _emit(out)
             return
@@ -410,6 +413,102 @@ def tasks_delete(task: TaskRef, url: Url = DEFAULT_URL, api_key: ApiKey = None) 
     _emit({"id": tid, "deleted": True})
 
 
+@tasks_app.command("versions")
+def tasks_versions(
+    task: TaskRef,
+    table: Annotated[bool, typer.Option("--table", help="A table for people instead of JSON.")] = False,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """List a task's kept prompt versions (newest first) and which one is served."""
+    with _client(url, api_key=api_key) as client:
+        out = client.list_versions(_resolve(client, task))
+    if not table:
+        _emit(out)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("version", "served", "method", "val_accuracy", "created", "bytes", box=None)
+    for v in out["items"]:
+        acc = (v.get("metrics") or {}).get("val_accuracy")
+        t.add_row(str(v["version"]), "*" if v["served"] else "", v["method"],
+                  f"{acc:.3f}" if isinstance(acc, (int, float)) else "-", str(v["created_at"]), str(v["size"]))  # fmt: skip
+    Console(width=200).print(t)
+
+
+@tasks_app.command("serve")
+def tasks_serve(
+    task: TaskRef,
+    version: Annotated[int, typer.Argument(min=1, help="The version to serve from now on.", show_default=False)],
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Serve another kept version (a rollback or a roll-forward), at once on every replica."""
+    with _client(url, api_key=api_key) as client:
+        out = client.serve_version(_resolve(client, task), version)
+    _emit(out)
+    _note(f"task {out['id']} serves version {out['version']} from now on")
+
+
+@tasks_app.command("evaluate")
+def tasks_evaluate(
+    task: TaskRef,
+    dataset: Annotated[Path, typer.Option("--dataset", "-d", help="A labelled folder of class folders or a .zip.", show_default=False)],
+    version: Annotated[Optional[int], typer.Option("--version", min=1, help="The version to evaluate (default: the served one).", show_default=False)] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", min=1, help="The k of the top-k accuracy (default 5).", show_default=False)] = None,
+    precision: Annotated[Optional[float], typer.Option("--precision", min=0.0, max=1.0, help="Target precision of the thresholds (default 0.9).", show_default=False)] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the result.")] = False,
+    timeout: Timeout = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Evaluate a version on a held-out labelled set: accuracy, per-class figures, calibration."""
+    data, filename = _read_dataset(dataset)
+    with _client(url, api_key=api_key) as client:
+        tid = _resolve(client, task)
+        out = client.evaluate(tid, data, version=version, top_k=top_k, precision=precision, dataset_filename=filename)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while wait and out["status"] in ACTIVE:
+            if deadline is not None and time.monotonic() >= deadline:
+                _fail(f"evaluation {out['id']} is still {out['status']} after {timeout:g} s; it goes on on the server")
+            time.sleep(POLL_SECONDS)
+            out = client.get_evaluation(tid, out["id"])
+    _emit(out)
+    if out["status"] == "failed":
+        _fail(f"evaluation {out['id']} failed: {out.get('error') or 'no reason given'}")
+    if out["status"] == "ready":
+        result = out.get("result") or {}
+        _note(f"version {out['version']}: accuracy {result.get('accuracy')}, macro F1 {result.get('macro_f1')}, "
+              f"ECE {result.get('ece')}, suggested min_score {result.get('suggested_min_score')}")  # fmt: skip
+    else:
+        _note(f"evaluation {out['id']} is {out['status']}; `promptstore tasks evaluate ... --wait` waits for it")
+
+
+@tasks_app.command("events")
+def tasks_events(
+    task: TaskRef,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Print new events as they happen until the task is idle.")] = False,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """What happened to a task, oldest first, one JSON object per line; --follow streams them."""
+    with _client(url, api_key=api_key) as client:
+        tid = _resolve(client, task)
+        if follow:
+            for event in client.follow_events(tid):
+                typer.echo(json.dumps(event))
+            return
+        after = 0
+        while True:
+            page = client.events(tid, after=after)
+            for event in page["items"]:
+                typer.echo(json.dumps(event))
+            if not page["items"]:
+                return
+            after = page["next_after"]
+
+
 # --------------------------------------------------------------------------- classify, prompt
 
 
@@ -417,6 +516,7 @@ def classify(
     task: TaskRef,
     images: Annotated[list[Path], typer.Argument(help="Image files.", show_default=False)],
     top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", min=1, help="Labels per image (default: all).", show_default=False)] = None,
+    min_score: Annotated[Optional[float], typer.Option("--min-score", min=0.0, max=1.0, help="Leave out labels scoring below this (default: the task's).", show_default=False)] = None,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
@@ -428,7 +528,7 @@ def classify(
     files = _read_images(images)
     with _client(url, api_key=api_key) as client:
         try:
-            out = client.classify(_resolve(client, task), files, top_k=top_k)
+            out = client.classify(_resolve(client, task), files, top_k=top_k, min_score=min_score)
         except PromptstoreError as exc:  # the server names images by position: name the file
             exc.detail = re.sub(
                 r"images\[(\d+)\]",
@@ -443,13 +543,14 @@ def classify(
 def prompt_download(
     task: TaskRef,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File or folder (default: TASK-vN.safetensors here).", show_default=False)] = None,
+    version: Annotated[Optional[int], typer.Option("--version", min=1, help="A kept version (default: the served one).", show_default=False)] = None,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """Download a task's served prompt as safetensors."""
+    """Download a task's served prompt (or a kept version) as safetensors."""
     with _client(url, api_key=api_key) as client:
         tid = _resolve(client, task)
-        prompt = client.download_prompt(tid)
+        prompt = client.download_prompt(tid, version=version)
     default = prompt.filename or f"{tid}-v{prompt.version}.safetensors"
     default = Path(default).name  # never a path from the server
     path = output if output is not None else Path(default)

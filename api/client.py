@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+#: Items asked per page when a list is read whole (the server's maximum).
+PAGE_SIZE = 1000
 
 Json = dict[str, Any]
 
@@ -120,8 +122,9 @@ class PromptstoreClient:
     def create_tenant(self, name: str) -> Json:
         return self._json("POST", "/v1/admin/tenants", admin=True, json={"name": name})
 
-    def list_tenants(self) -> list[Json]:
-        return list(self._json("GET", "/v1/admin/tenants", admin=True)["items"])
+    def list_tenants(self, *, name_prefix: str | None = None, page_size: int = PAGE_SIZE) -> list[Json]:
+        """Every tenant (oldest first), following the pages' ``next_cursor``."""
+        return self._all_pages("/v1/admin/tenants", {"name_prefix": name_prefix}, page_size, admin=True)
 
     # ------------------------------------------------------------------ tasks (tenant)
 
@@ -143,11 +146,23 @@ class PromptstoreClient:
         files = {"dataset": (dataset_filename, dataset, "application/zip")} if dataset is not None else None
         return self._multipart("POST", "/v1/tasks", data, files)
 
-    def list_tasks(self) -> list[Json]:
-        return list(self._json("GET", "/v1/tasks")["items"])
+    def list_tasks(
+        self,
+        *,
+        status: str | None = None,
+        method: str | None = None,
+        name_prefix: str | None = None,
+        page_size: int = PAGE_SIZE,
+    ) -> list[Json]:
+        """Every task of the tenant (newest first) matching the filters, following the pages'
+        ``next_cursor``; each a summary (``get_task`` has the rest)."""
+        params = {"status": status, "method": method, "name_prefix": name_prefix}
+        return self._all_pages("/v1/tasks", params, page_size)
 
-    def get_task(self, task_id: str) -> Json:
-        return self._json("GET", f"/v1/tasks/{_seg(task_id)}")
+    def get_task(self, task_id: str, *, include: Sequence[str] = ()) -> Json:
+        """The task; ``include``: heavy fields to add (``history``, ``confusion``, ``per_class``)."""
+        params = {"include": ",".join(include)} if include else None
+        return self._json("GET", f"/v1/tasks/{_seg(task_id)}", params=params)
 
     def retrain_task(
         self, task_id: str, *, dataset: bytes | None = None, config: Json | None = None,
@@ -163,8 +178,56 @@ class PromptstoreClient:
     def delete_task(self, task_id: str) -> None:
         self._request("DELETE", f"/v1/tasks/{_seg(task_id)}")
 
-    def download_prompt(self, task_id: str) -> PromptFile:
-        r = self._request("GET", f"/v1/tasks/{_seg(task_id)}/prompt")
+    def list_versions(self, task_id: str) -> Json:
+        """``{"items", "count", "served_version", "max_versions"}``: the kept versions, newest first."""
+        return self._json("GET", f"/v1/tasks/{_seg(task_id)}/versions")
+
+    def serve_version(self, task_id: str, version: int) -> Json:
+        """Serve ``version`` from now on (a rollback or a roll-forward); returns the task."""
+        return self._json("POST", f"/v1/tasks/{_seg(task_id)}/versions/{int(version)}/serve")
+
+    def evaluate(
+        self, task_id: str, dataset: bytes, *, version: int | None = None, top_k: int | None = None,
+        precision: float | None = None, dataset_filename: str = "heldout.zip",
+    ) -> Json:  # fmt: skip
+        """Queue an evaluation of ``version`` (default: the served one) on a labelled zip."""
+        fields = {"version": version, "top_k": top_k, "precision": precision}
+        data = {k: str(v) for k, v in fields.items() if v is not None}
+        files = {"dataset": (dataset_filename, dataset, "application/zip")}
+        return self._multipart("POST", f"/v1/tasks/{_seg(task_id)}/evaluate", data, files)
+
+    def get_evaluation(self, task_id: str, evaluation_id: str) -> Json:
+        return self._json("GET", f"/v1/tasks/{_seg(task_id)}/evaluations/{_seg(evaluation_id)}")
+
+    def events(self, task_id: str, *, after: int = 0) -> Json:
+        """``{"items", "next_after"}``: the task's events after ``after``, oldest first."""
+        return self._json("GET", f"/v1/tasks/{_seg(task_id)}/events", params={"after": after})
+
+    def follow_events(self, task_id: str, *, after: int = 0) -> Iterator[Json]:
+        """The task's events as they happen (Server-Sent Events), until it has no run or
+        evaluation in progress and nothing new arrives (``until_idle``), or it is deleted."""
+        params = {"after": after, "until_idle": "true"}
+        headers = {"Accept": "text/event-stream"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        try:
+            with self._http.stream("GET", f"/v1/tasks/{_seg(task_id)}/events", params=params, headers=headers,
+                                   timeout=httpx.Timeout(self._http.timeout.connect, read=None)) as r:  # fmt: skip
+                if r.status_code >= 400:
+                    r.read()
+                    raise PromptstoreError(r.status_code, _detail(r), r.headers.get("Retry-After"))
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        try:
+                            yield json.loads(line[6:])
+                        except ValueError:
+                            continue
+        except (httpx.TransportError, httpx.InvalidURL) as exc:
+            raise ServerUnreachable(self.url, str(exc) or type(exc).__name__) from None
+
+    def download_prompt(self, task_id: str, *, version: int | None = None) -> PromptFile:
+        params = {"version": int(version)} if version is not None else None
+        r = self._request("GET", f"/v1/tasks/{_seg(task_id)}/prompt", params=params)
         version = r.headers.get("X-Prompt-Version")
         match = re.search(r'filename="?([^";]+)"?', r.headers.get("Content-Disposition", ""))
         return PromptFile(
@@ -176,11 +239,28 @@ class PromptstoreClient:
 
     # ------------------------------------------------------------------ classify (tenant)
 
-    def classify(self, task_id: str, images: Sequence[tuple[str, bytes]], *, top_k: int | None = None) -> Json:
+    def classify(
+        self, task_id: str, images: Sequence[tuple[str, bytes]], *, top_k: int | None = None,
+        min_score: float | None = None,
+    ) -> Json:  # fmt: skip
         """``images``: ``(filename, bytes)`` pairs, sent as multipart ``images`` parts."""
-        params = {"top_k": top_k} if top_k is not None else None
+        query = {"top_k": top_k, "min_score": min_score}
+        params = {k: v for k, v in query.items() if v is not None} or None
         files = [("images", (name, data, "application/octet-stream")) for name, data in images]
         return self._json("POST", f"/v1/tasks/{_seg(task_id)}/classify", params=params, files=files)
+
+    def _all_pages(self, path: str, params: dict[str, Any], page_size: int, *, admin: bool = False) -> list[Json]:
+        """The items of every page of a list, following ``next_cursor`` until it is null."""
+        query = {k: v for k, v in params.items() if v is not None}
+        query["limit"] = page_size
+        items: list[Json] = []
+        while True:
+            page = self._json("GET", path, params=query, admin=admin)
+            items.extend(page["items"])
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return items
+            query["cursor"] = cursor
 
     def _multipart(self, method: str, path: str, data: dict[str, str], files: Any) -> Json:
         # With files the body is multipart; form fields alone go urlencoded (the routes read both).

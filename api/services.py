@@ -9,6 +9,7 @@ dataset, 503 broker down).
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Callable
 
@@ -24,7 +25,10 @@ from store.objects import dataset_key, sha256_hex
 
 log = logging.getLogger("promptstore.api")
 
-__all__ = ["cancel_run", "delete_task_and_objects", "enqueue", "request_run", "retry", "store_dataset"]
+__all__ = [
+    "cancel_run", "delete_task_and_objects", "enqueue", "enqueue_evaluation", "request_run", "retry",
+    "serve_version", "store_dataset",
+]
 
 
 def store_dataset(
@@ -58,24 +62,41 @@ def store_dataset(
     return ds.id, list(manifest.classes)
 
 
-def enqueue(state: ServiceState, task_id: str, attempt: int) -> None:
-    """Submit the run (the caller has committed). If the broker does not take it (down, or
-    past ``broker_timeout``/``broker_deadline``) the run stays ``queued`` in the database, where
-    the reconciler finds it and enqueues it again, and the caller gets a 503 naming the task
-    (and, with an Idempotency-Key, a retry of the same request answers with that task)."""
+def _submit(send: Any, what: str, saved: str) -> None:
+    """Hand a committed job to the dispatcher with ``send()``. When the broker does not take it
+    (down, or past ``broker_timeout``/``broker_deadline``) the job stays queued in the database,
+    where the reconciler finds it and sends it again, and the caller gets a 503 saying so
+    (``saved``: what was saved and where to look at it), so that the client does not submit it
+    twice."""
     from store.timeouts import BROKER, RETRY_AFTER_S, DependencyTimeout
 
     try:
-        state.dispatcher.submit(task_id, attempt)
+        send()
     except Exception as exc:
-        log.error("could not enqueue task %s attempt %s: %s", task_id, attempt, exc)
+        log.error("could not enqueue %s: %s", what, exc)
         why = exc.detail.removesuffix("; retry") if isinstance(exc, DependencyTimeout) else f"{BROKER} is unavailable"
-        raise ApiError(
-            503,
-            f"{why}; task {task_id} was saved and its run stays queued: it is enqueued again automatically, "
-            f"so do not create it again (GET /v1/tasks/{task_id} shows it)",
-            {"Retry-After": str(RETRY_AFTER_S)},
-        ) from None
+        raise ApiError(503, f"{why}; {saved}", {"Retry-After": str(RETRY_AFTER_S)}) from None
+
+
+def enqueue(state: ServiceState, task_id: str, attempt: int) -> None:
+    """Submit the run (the caller has committed); 503 naming the task when the broker does not
+    take it (``_submit``; with an Idempotency-Key, a retry of the same request answers with
+    that task)."""
+    _submit(
+        lambda: state.dispatcher.submit(task_id, attempt), f"task {task_id} attempt {attempt}",
+        f"task {task_id} was saved and its run stays queued: it is enqueued again automatically, "
+        f"so do not create it again (GET /v1/tasks/{task_id} shows it)",
+    )
+
+
+def enqueue_evaluation(state: ServiceState, task_id: str, evaluation_id: str) -> None:
+    """Submit the evaluation's job (the caller has committed); 503 naming it when the broker
+    does not take it (``_submit``), so that the client polls it rather than submit it again."""
+    _submit(
+        lambda: state.dispatcher.submit_evaluation(evaluation_id), f"evaluation {evaluation_id} of task {task_id}",
+        f"evaluation {evaluation_id} of task {task_id} was saved and stays queued: it is enqueued again "
+        f"automatically, so do not submit it again (GET /v1/tasks/{task_id}/evaluations/{evaluation_id} shows it)",
+    )
 
 
 def request_run(
@@ -109,6 +130,40 @@ def cancel_run(s: Session, task_id: str, *, tenant_id: str) -> Task:
         raise ApiError(409, str(exc)) from None
     if task is None:
         raise ApiError(404, f"task {task_id} not found")
+    return task
+
+
+def serve_version(state: ServiceState, s: Session, task_id: str, version: int, *, tenant_id: str) -> Task:
+    """Make ``version`` the task's served prompt (committed) and tell the engines: this
+    process's at once, the other replicas' through Redis; every request that reads the task
+    after the commit answers with that version, and none answers again with the previous one
+    (``Task.serving_generation``). 404: unknown task or version; 409: made on another backbone,
+    or the served version changed meanwhile; 503 while the backbone is loading."""
+    from backbone.artifacts import read_prompt_metadata
+    from backbone.holder import BackboneNotReady
+
+    try:
+        fingerprint = state.backbone.get().fingerprint
+    except BackboneNotReady as exc:
+        raise ApiError(503, f"{exc}; retry shortly", {"Retry-After": "5"}) from None
+    classes = None
+    pv = repo.get_version(s, task_id, version, tenant_id=tenant_id)
+    if pv is not None and not isinstance(pv.classes, list):  # a row older than its classes' record
+        try:
+            meta = read_prompt_metadata(state.objects.get(pv.object_key))
+            classes = json.loads(meta.get("classes", "null"))
+        except Exception as exc:
+            log.warning("task %s version %s: could not read the classes from its prompt: %s", task_id, version, exc)
+    try:
+        task = repo.serve_version(s, task_id, version, tenant_id=tenant_id, fingerprint=fingerprint, classes=classes)
+    except repo.VersionNotFound as exc:
+        raise ApiError(404, str(exc)) from None
+    except (repo.VersionIncompatible, repo.TaskStateError) as exc:
+        raise ApiError(409, str(exc)) from None
+    if task is None:
+        raise ApiError(404, f"task {task_id} not found")
+    s.commit()
+    state.inference.served(task_id, task.serving_generation)
     return task
 
 

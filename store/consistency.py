@@ -1,13 +1,17 @@
 """Objects and rows stay consistent: the check (``promptstore fsck``) and the garbage collector.
 
-The object store holds two kinds of objects, both content-addressed:
+The object store holds three kinds of objects:
 
 - ``datasets/{tenant}/{sha256}.zip``: shared by every dataset row of the tenant with those
   bytes, so a request must never delete one inline (a concurrent upload of the same zip may
   have just rewritten it and not yet committed its row);
 - ``prompts/{tenant}/{task}/{sha256}.safetensors``: referenced only by the task's
   ``prompt_versions`` rows; deleted inline when the task is deleted (``DELETE /v1/tasks``)
-  and when a publish finds its task gone (``store.publish``).
+  and when a publish finds its task gone (``store.publish``);
+- ``evaluations/{tenant}/{task}/{evaluation}.zip``: the labelled zip of one evaluation
+  (``store.evaluations``), referenced by its row's ``object_key`` until the job finished it
+  (the job clears the key and deletes the zip after that commit). An evaluation's rows go
+  with its task, so the zip of a task deleted before its evaluation ran is collected here.
 
 Every other unreferenced object (an upload whose request failed after the ``put``, a prompt
 whose publish lost to a retrain or a cancel, the dataset zip of the last task that used it)
@@ -36,13 +40,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from store.db import session_scope
-from store.models import Dataset, PromptVersion
+from store.models import Dataset, Evaluation, Prediction, PromptVersion, Sample
 from store.objects import ObjectStore
 
 log = logging.getLogger("promptstore.gc")
 
 #: The key prefixes the service writes; objects elsewhere in the bucket are not its own.
-PREFIXES = ("datasets/", "prompts/")
+PREFIXES = ("datasets/", "prompts/", "evaluations/", "samples/", "predictions/")
 _CHUNK = 500
 
 
@@ -69,7 +73,7 @@ class Orphan:
 class Missing:
     """A row whose object is not in the store."""
 
-    table: str  # "datasets" or "prompt_versions"
+    table: str  # "datasets", "prompt_versions" or "evaluations"
     id: str
     tenant_id: str
     task_id: str | None
@@ -108,11 +112,14 @@ def _chunks(items: list[str], n: int = _CHUNK) -> Iterable[list[str]]:
 
 
 def referenced(s: Session, keys: Iterable[str]) -> set[str]:
-    """Those of ``keys`` that a committed dataset or prompt version row refers to."""
+    """Those of ``keys`` that a committed dataset, prompt version or evaluation row refers to."""
     found: set[str] = set()
     for chunk in _chunks(sorted(set(keys))):
         found.update(s.scalars(select(Dataset.object_key).where(Dataset.object_key.in_(chunk))))
         found.update(s.scalars(select(PromptVersion.object_key).where(PromptVersion.object_key.in_(chunk))))
+        found.update(s.scalars(select(Evaluation.object_key).where(Evaluation.object_key.in_(chunk))))
+        found.update(s.scalars(select(Sample.object_key).where(Sample.object_key.in_(chunk))))
+        found.update(s.scalars(select(Prediction.object_key).where(Prediction.object_key.in_(chunk))))
     return found
 
 
@@ -136,6 +143,23 @@ def check(
         ):
             if pv.object_key not in listed:
                 rows.append(Missing("prompt_versions", pv.id, pv.tenant_id, pv.task_id, pv.object_key))
+        for ev in s.execute(
+            select(Evaluation.id, Evaluation.tenant_id, Evaluation.task_id, Evaluation.object_key)
+            .where(Evaluation.object_key.is_not(None))
+        ):
+            if ev.object_key not in listed:
+                rows.append(Missing("evaluations", ev.id, ev.tenant_id, ev.task_id, ev.object_key))
+        for r in s.execute(
+            select(Sample.id, Sample.tenant_id, Sample.task_id, Sample.object_key).where(Sample.entry.is_(None))
+        ):
+            if r.object_key not in listed:
+                rows.append(Missing("samples", r.id, r.tenant_id, r.task_id, r.object_key))
+        for r in s.execute(
+            select(Prediction.id, Prediction.tenant_id, Prediction.task_id, Prediction.object_key)
+            .where(Prediction.object_key.is_not(None))
+        ):
+            if r.object_key not in listed:
+                rows.append(Missing("predictions", r.id, r.tenant_id, r.task_id, r.object_key))
     missing = [m for m in rows if objects.stat(m.object_key) is None]
     now = now or dt.datetime.now(dt.timezone.utc)
     cutoff = now - dt.timedelta(seconds=grace_s)
@@ -192,8 +216,13 @@ class PeriodicCollector:
         grace_s: float,
         first_delay: float = 60.0,
         settings: Any = None,
+        prediction_record_s: float | None = None,
     ) -> None:
         self.sm, self.objects = sm, objects
+        #: How long a prediction's row outlives its image (``store.samples.sweep_predictions``).
+        self.prediction_record_s = prediction_record_s if prediction_record_s is not None else (
+            float(settings.prediction_record_s) if settings is not None else 30 * 24 * 3600.0
+        )
         self.settings = settings
         self.interval, self.grace_s = interval, grace_s
         self.first_delay = min(first_delay, interval)
@@ -232,6 +261,9 @@ class PeriodicCollector:
             self._connect()
             assert self.sm is not None and self.objects is not None
             report = collect(self.sm, self.objects, grace_s=self.grace_s)
+            from store.samples import sweep_predictions  # kept images past their retention go too
+
+            sweep_predictions(self.sm, self.objects, record_s=self.prediction_record_s)
         except Exception as exc:  # database or object store down: try again next pass
             log.warning("garbage collector pass failed (%s: %s); next pass in %.0f s",
                         type(exc).__name__, exc, self.interval)

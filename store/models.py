@@ -16,7 +16,7 @@ import datetime as dt
 import uuid
 from typing import Any
 
-from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false
 from sqlalchemy.orm import Mapped, mapped_column, object_session, relationship
 
 from store.db import Base, utcnow
@@ -157,6 +157,9 @@ class Task(Base):
     serving_generation: Mapped[int] = mapped_column(default=0, server_default="0")
     #: The task's default classify threshold (labels scoring below it are left out); None: none.
     min_score: Mapped[float | None]
+    #: Until its first version is published, classify answers with zero-shot predictions on the
+    #: class names (``version`` 0) instead of 409 (opt-in: the contract's default is 409).
+    zero_shot_until_trained: Mapped[bool] = mapped_column(default=False, server_default=false())
     #: State of a retrain run while a version is served: {"status", "progress", "error",
     #: "history"}; read it through ``run``.
     training: Mapped[dict[str, Any] | None]
@@ -176,6 +179,15 @@ class Task(Base):
     lease_expires_at: Mapped[dt.datetime | None]
     #: How many times the reconciler re-queued the current run after its lease expired.
     requeues: Mapped[int] = mapped_column(default=0, server_default="0")
+    #: The task's sample set (``Sample`` rows, ``store.samples``) holds its dataset's images:
+    #: expanded from the zip lazily, by the first tuning job or the first samples call. False
+    #: for tasks created before samples existed, and again after a retrain with a new dataset.
+    samples_seeded: Mapped[bool] = mapped_column(default=False, server_default=false())
+    #: Request a run automatically once this many samples were added since the last run took
+    #: its snapshot (None: never); at most one run at a time (``store.samples``).
+    retrain_after_samples: Mapped[int | None]
+    #: Samples added since the current (or last) run took its snapshot of the sample set.
+    samples_since_run: Mapped[int] = mapped_column(default=0, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -255,6 +267,12 @@ class PromptVersion(Base):
     #: Per-epoch loss and validation accuracy of the run.
     history: Mapped[list[Any] | None]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    #: The snapshot of samples the run trained on (``store.samples.Snapshot``): sha256 over its
+    #: sorted (label, image sha256) pairs, how many, and how many per class. None for zeroshot
+    #: and for versions published before samples existed.
+    samples_sha256: Mapped[str | None] = mapped_column(String(64))
+    n_samples: Mapped[int | None]
+    sample_counts: Mapped[dict[str, Any] | None]
 
 
 class IdempotencyKey(Base):
@@ -327,3 +345,68 @@ class Evaluation(Base):
     lease_expires_at: Mapped[dt.datetime | None]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[dt.datetime | None]
+
+
+SAMPLE_SOURCES = ("dataset", "upload", "feedback")
+
+
+class Sample(Base):
+    """One labelled image of a task's sample set (``store.samples``): its original bytes are the
+    object ``object_key`` (``samples/{tenant_id}/{sha256}``, content-addressed and shared by the
+    tenant's tasks) or, for a sample of the task's dataset, the zip member ``entry`` of the
+    dataset's own object; ``pixels`` identifies the decoded picture (one label per picture and
+    task: a copy is counted once). ``source``: ``dataset`` (expanded from the task's zip),
+    ``upload`` (POST samples) or ``feedback`` (a kept prediction labelled by the tenant). A run
+    trains on the snapshot of its task's samples, in the order (created_at, ordinal, id)."""
+
+    __tablename__ = "samples"
+    __table_args__ = (
+        UniqueConstraint("task_id", "pixels"),
+        CheckConstraint("source IN ('dataset', 'upload', 'feedback')", name="source_valid"),
+        Index("ix_samples_task_id_created_at", "task_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    #: The class name (the rules of class names, ``store.textinput.check_name``).
+    label: Mapped[str] = mapped_column(String(1000))
+    object_key: Mapped[str] = mapped_column(String(512))
+    #: The member of the zip ``object_key`` holding the image (a ``dataset`` sample: the task's
+    #: dataset zip, kept as long as its dataset row); None: the object is the image.
+    entry: Mapped[str | None] = mapped_column(String(1024))
+    #: sha256 hex of the original bytes (the object's name for an uploaded image).
+    sha256: Mapped[str] = mapped_column(String(64))
+    #: sha256 hex of the decoded pixels (``store.archive.pixel_digest``): what makes two files
+    #: the same picture.
+    pixels: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    source: Mapped[str] = mapped_column(String(16))
+    #: Position within the request (or the dataset) that added it: orders samples of one instant.
+    ordinal: Mapped[int] = mapped_column(default=0, server_default="0")
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Prediction(Base):
+    """An image classified with ``keep=true``, kept until ``expires_at`` under
+    ``predictions/{tenant_id}/{task_id}/{id}`` so that feedback can turn it into a sample. The
+    row outlives its image (``object_key`` None once swept) so that a late feedback is told it
+    expired; ``sample_id``: the sample a feedback made of it."""
+
+    __tablename__ = "predictions"
+    __table_args__ = (Index("ix_predictions_task_id_created_at", "task_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    object_key: Mapped[str | None] = mapped_column(String(512))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    #: The prompt version that answered (0: zero-shot before the first version).
+    version: Mapped[int]
+    #: The best label and its score (None when the task had no class).
+    label: Mapped[str | None] = mapped_column(String(1000))
+    score: Mapped[float | None]
+    sample_id: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(index=True)

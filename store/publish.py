@@ -44,12 +44,16 @@ def publish_prompt(
     confusion: list[list[int]] | None = None,
     owner: str | None = None,
     keep_versions: int = 0,
+    method: str | None = None,
+    samples: dict[str, Any] | None = None,
 ) -> PromptVersion | None:
     """Store ``data`` under ``prompts/{tenant}/{task}/{sha256}.safetensors`` and then publish it
     as the task's next version. Returns the new ``PromptVersion``, or None when the run is not
     current any more (stale attempt, deleted, cancelled, already published) — a no-op, so a
     duplicate delivery never double-publishes; with ``owner`` (the job's lease owner) also when
-    the run was taken over by another execution. Object store and database errors propagate."""
+    the run was taken over by another execution. ``samples``: the snapshot of samples the run
+    trained on, recorded on the version (``repo.publish_version``). Object store and database
+    errors propagate."""
     with session_scope(sm) as s:
         task = repo.get_task_for_job(s, task_id)
         if task is None or task.attempt != attempt:
@@ -74,6 +78,8 @@ def publish_prompt(
                 confusion=confusion,
                 owner=owner,
                 keep_versions=keep_versions,
+                method=method,
+                samples=samples,
             )
     except IntegrityError:  # a concurrent duplicate committed the same version first
         pv = None

@@ -51,6 +51,7 @@ from store.models import (
     RUNNING,
     ApiKey,
     Dataset,
+    Prediction,
     PromptVersion,
     Task,
     Tenant,
@@ -171,15 +172,20 @@ class TenantSummary:
     last_request_at: dt.datetime | None
 
 
-def list_tenants(s: Session) -> list[TenantSummary]:
-    """All tenants (admin), oldest first, with their task and request counts."""
+def list_tenants(s: Session, *, name_prefix: str | None = None) -> list[TenantSummary]:
+    """All tenants (admin) whose name starts with ``name_prefix`` (all without), oldest first:
+    (created_at, id), the order of the API's pages (``store.listing.tenant_page``), with their
+    task and request counts."""
+    from store.listing import tenant_filters
+
     counts = (
         select(Task.tenant_id, func.count(Task.id).label("n")).group_by(Task.tenant_id).subquery()
     )
     rows = s.execute(
         select(Tenant, func.coalesce(counts.c.n, 0))
         .outerjoin(counts, counts.c.tenant_id == Tenant.id)
-        .order_by(Tenant.created_at, Tenant.name)
+        .where(*tenant_filters(name_prefix=name_prefix))
+        .order_by(Tenant.created_at, Tenant.id)
     ).all()
     return [
         TenantSummary(
@@ -250,6 +256,7 @@ def create_task(
     config: dict[str, Any] | None,
     classes: Sequence[str],
     dataset_id: str | None = None,
+    zero_shot_until_trained: bool = False,
 ) -> Task:
     """A new task in status ``queued`` with ``attempt == 1``. ``dataset_id`` must be the
     tenant's (``InvalidReference`` otherwise); None for zeroshot. Enqueue the job for
@@ -270,6 +277,7 @@ def create_task(
         attempt=1,
         cancel_requested=False,
         requeues=0,
+        zero_shot_until_trained=bool(zero_shot_until_trained),
     )
     s.add(task)
     s.flush()
@@ -283,13 +291,24 @@ def get_task(s: Session, task_id: str, *, tenant_id: str) -> Task | None:
     return s.scalar(select(Task).where(Task.id == task_id, Task.tenant_id == tenant_id))
 
 
-def list_tasks(s: Session, *, tenant_id: str) -> list[Task]:
-    """The tenant's tasks, newest first."""
+def list_tasks(
+    s: Session,
+    *,
+    tenant_id: str,
+    status: str | Sequence[str] | None = None,
+    method: str | None = None,
+    name_prefix: str | None = None,
+) -> list[Task]:
+    """All the tenant's tasks matching the filters (``store.listing.task_filters``; a bad one
+    raises ``listing.InvalidListing``), newest first: (created_at, id) descending, the order of
+    the API's pages (``store.listing.task_page``, which reads one page of slim rows)."""
+    from store.listing import task_filters
+
     return list(
         s.scalars(
             select(Task)
-            .where(Task.tenant_id == tenant_id)
-            .order_by(Task.created_at.desc(), Task.id)
+            .where(*task_filters(tenant_id, status=status, method=method, name_prefix=name_prefix))
+            .order_by(Task.created_at.desc(), Task.id.desc())
             .options(selectinload(Task.served_version))  # the served configs in one more query
         )
     )
@@ -370,9 +389,14 @@ def request_retrain(
     tenant_id: str,
     dataset_id: str | None = None,
     config: dict[str, Any] | None = None,
+    samples_at_least: int | None = None,
 ) -> Task | None:
     """Start a new run (also the way to retry a failed/cancelled task). Omitted dataset/config
     are kept. ``attempt`` += 1 (in SQL); enqueue ``(task.id, task.attempt)`` after the commit.
+    A new dataset replaces the task's sample set (``store.samples``): its rows go in the same
+    transaction and the run expands the new zip. ``samples_at_least``: the automatic retrain
+    (``store.samples.request_auto_retrain``), which holds only while ``samples_since_run`` is
+    still at least that.
 
     - a task serving a version stays ``ready`` (it keeps classifying with that version) and
       ``training`` becomes ``{"status": "queued", "progress": 0.0, "error": None}``;
@@ -402,6 +426,7 @@ def request_retrain(
     }
     if ds is not None:
         values["dataset_id"] = ds.id
+        values.update(samples_seeded=False, samples_since_run=0)  # the new zip replaces the samples
     if config is not None:
         values["config"] = dict(config)
     if task.version is not None:
@@ -410,14 +435,20 @@ def request_retrain(
         values.update(status=QUEUED, progress=0.0, error=None, metrics=None, history=None, confusion=None, training=None)
         if ds is not None:
             values["classes"] = list(ds.classes)
+    auto = (Task.samples_since_run >= samples_at_least,) if samples_at_least is not None else ()
     won = _cas(
         s, task.id, Task.tenant_id == tenant_id, Task.attempt == task.attempt, _same_version(task.version),
-        _inactive(), values=values,
+        _inactive(), *auto, values=values,
     )
     if not won:
         raise _refused(task_id, _read_task(s, task_id, tenant_id=tenant_id), "retraining")
+    if ds is not None:
+        from store.models import Sample
+
+        s.execute(delete(Sample).where(Sample.task_id == task.id).execution_options(synchronize_session=False))
+    extra = {"auto": True} if samples_at_least is not None else {}
     add_event(s, task_id=task.id, tenant_id=tenant_id, kind="queued", attempt=task.attempt + 1,
-              retrain=task.version is not None)
+              retrain=task.version is not None, **extra)
     return _read_task(s, task_id, tenant_id=tenant_id)
 
 
@@ -455,10 +486,12 @@ def request_cancel(s: Session, task_id: str, *, tenant_id: str) -> Task | None:
 
 
 def delete_task(s: Session, task_id: str, *, tenant_id: str) -> list[str] | None:
-    """Delete the task, its prompt versions and the tenant's datasets no task uses any more.
-    Returns the task's prompt object keys to delete *after* the commit (no other row can refer
-    to ``prompts/{tenant}/{task}/...``); None if unknown/foreign. Dataset objects are shared by
-    content and are never returned: the garbage collector (``store.consistency``) deletes them
+    """Delete the task, its prompt versions (its events, evaluations, samples and predictions
+    go by ON DELETE CASCADE) and the tenant's datasets no task uses any more. Returns the
+    object keys to delete *after* the commit: the task's prompts and kept classify images (no
+    other row can refer to ``prompts/{tenant}/{task}/...`` or ``predictions/{tenant}/{task}/...``);
+    None if unknown/foreign. Dataset zips and sample images are shared by content and are never
+    returned, nor are evaluation zips: the garbage collector (``store.consistency``) deletes them
     once no row refers to them. A running job finds the task gone and stops."""
     task = _read_task(s, task_id, tenant_id=tenant_id)
     if task is None:
@@ -475,6 +508,10 @@ def delete_task(s: Session, task_id: str, *, tenant_id: str) -> list[str] | None
     if locked.rowcount != 1:
         return None
     keys = list(s.scalars(select(PromptVersion.object_key).where(PromptVersion.task_id == task.id)))
+    # the task's kept classify images (unique per prediction): gone with it, not after a grace
+    keys += list(s.scalars(
+        select(Prediction.object_key).where(Prediction.task_id == task.id, Prediction.object_key.is_not(None))
+    ))
     s.execute(delete(PromptVersion).where(PromptVersion.task_id == task.id))
     s.delete(task)
     s.flush()
@@ -519,6 +556,8 @@ class ServingInfo:
     min_score: float | None = None
     #: The served version's method (a task's may differ per version); None: the task's.
     version_method: str | None = None
+    #: Serve zero-shot predictions while no version is (``Task.zero_shot_until_trained``).
+    zero_shot: bool = False
 
 
 def serving_info(s: Session, task_id: str, *, tenant_id: str) -> ServingInfo | None:
@@ -528,7 +567,7 @@ def serving_info(s: Session, task_id: str, *, tenant_id: str) -> ServingInfo | N
         select(
             Task.status, Task.error, Task.method, Task.classes,
             PromptVersion.version, PromptVersion.object_key, PromptVersion.fingerprint,
-            Task.serving_generation, Task.min_score, PromptVersion.method,
+            Task.serving_generation, Task.min_score, PromptVersion.method, Task.zero_shot_until_trained,
         )
         .outerjoin(
             PromptVersion,
@@ -861,6 +900,8 @@ def publish_version(
     confusion: list[list[int]] | None = None,
     owner: str | None = None,
     keep_versions: int = 0,
+    method: str | None = None,
+    samples: dict[str, Any] | None = None,
 ) -> PromptVersion | None:
     """Publish the run's prompt whose object is already stored: switch the task to version
     ``next_version_number`` (status ready, progress 1, metrics, confusion, history, classes;
@@ -872,7 +913,10 @@ def publish_version(
     both win), or ``owner`` given and the run is no longer held by it (taken over after its
     lease expired). A duplicate version row (unique(task_id, version)) rolls the session back
     and gives None too. ``keep_versions`` > 0: prune older versions beyond that many
-    (``prune_versions``) in the same transaction.
+    (``prune_versions``) in the same transaction. ``method``: the prompt's method when it is
+    not the task's (a task of method ``auto`` publishes a prompt of the method it chose).
+    ``samples``: the snapshot of samples the run trained on (``store.samples.Snapshot.record``:
+    ``samples_sha256``, ``n_samples``, ``sample_counts``), recorded on the version.
     """
     task = _current_running(s, task_id, attempt, owner)
     if task is None or task.cancel_requested:
@@ -910,11 +954,14 @@ def publish_version(
         fingerprint=fingerprint,
         config=dict(task.config or {}),  # the run's own: no retrain can change it while it runs
         dataset_id=task.dataset_id,
-        method=task.method,
+        method=method or task.method,  # the prompt's own (``auto`` publishes the chosen method's)
         classes=list(classes),
         metrics=dict(metrics),
         confusion=[list(r) for r in confusion] if confusion else None,
         history=list(history) if history is not None else None,
+        samples_sha256=(samples or {}).get("samples_sha256"),
+        n_samples=(samples or {}).get("n_samples"),
+        sample_counts=dict((samples or {}).get("sample_counts") or {}) if samples else None,
     )
     s.add(pv)
     try:

@@ -156,6 +156,17 @@ class Settings(BaseSettings):
     idempotency_key_ttl: float = Field(
         24 * 3600, gt=0, description="Seconds an Idempotency-Key is remembered (same key: the first answer).",
     )
+    # Samples and feedback (docs/api.md "Samples", store.samples).
+    prediction_retention_s: float = Field(
+        7 * 24 * 3600.0, gt=0,
+        description="Seconds an image classified with keep=true is kept so that a feedback can turn it into a "
+        "sample; then it is deleted (by the garbage collector's pass). Without keep nothing is stored.",
+    )
+    prediction_record_s: float = Field(
+        30 * 24 * 3600.0, ge=0,
+        description="Seconds a kept prediction's record (id, task, times; not its image) outlives its expiry, so "
+        "that a late feedback is told it expired rather than that it is unknown.",
+    )
 
     @computed_field  # type: ignore[prop-decorator]
     @property

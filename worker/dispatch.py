@@ -1,11 +1,15 @@
-"""Getting a tuning job to something that runs it.
+"""Getting a job to something that runs it. Two kinds of job: a tuning run
+(``submit(task_id, attempt)``, ``worker.jobs``) and an evaluation (``submit_evaluation(id)``,
+``worker.evaluate``), on the same queue.
 
-- ``CeleryDispatcher``: sends ``promptstore.tune(task_id, attempt)`` to the broker.
-- ``ThreadDispatcher``: runs the same job body in a thread pool of the server process
-  (``promptstore serve`` with no broker configured); at start it resubmits the runs that
-  were queued or running (without a live lease) when the process last stopped, and then runs
-  the reconciler (``worker.reconcile``) every ``settings.reconcile_interval_s``, which re-sends
-  queued runs nobody claimed and re-queues or fails runs whose job stopped renewing its lease.
+- ``CeleryDispatcher``: sends ``promptstore.tune(task_id, attempt)`` or
+  ``promptstore.evaluate(evaluation_id)`` to the broker.
+- ``ThreadDispatcher``: runs the same job bodies in a thread pool of the server process
+  (``promptstore serve`` with no broker configured); at start it resubmits the runs and
+  evaluations that were queued or running (without a live lease) when the process last
+  stopped, and then runs the reconciler (``worker.reconcile``) every
+  ``settings.reconcile_interval_s``, which re-sends queued jobs nobody claimed and re-queues or
+  fails jobs whose execution stopped renewing its lease.
 
 Callers submit only after the database commit that created the run.
 
@@ -23,8 +27,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from store import evaluations as evals
 from store import repo
 from store.db import get_sessionmaker, session_scope
+from worker.evaluate import mark_evaluation_failed_after_retries, run_evaluation_job
 from worker.jobs import JobInterrupted, TransientJobError, mark_failed_after_retries, run_tune_job
 
 if TYPE_CHECKING:
@@ -34,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("promptstore.worker")
 
 TUNE_TASK_NAME = "promptstore.tune"
+EVALUATE_TASK_NAME = "promptstore.evaluate"
 
 
 #: Seconds ``workers_alive`` waits for the Celery workers' ping replies.
@@ -43,7 +50,8 @@ DispatcherKind = Literal["threads", "celery"]
 
 
 class Dispatcher(Protocol):
-    """What gets a tuning run to something that runs it, as the API and the dashboard see it."""
+    """What gets a tuning run or an evaluation to something that runs it, as the API and the
+    dashboard see it."""
 
     #: "threads": jobs run in this process; "celery": on the broker, for worker processes.
     kind: DispatcherKind
@@ -56,6 +64,11 @@ class Dispatcher(Protocol):
     def submit(self, task_id: str, attempt: int) -> None:
         """Send run ``attempt`` of ``task_id``; call it only after the commit that created the
         run (a lost send leaves the run queued, and the reconciler sends it again)."""
+        ...
+
+    def submit_evaluation(self, evaluation_id: str) -> None:
+        """Send the evaluation's job; call it only after the commit that created it (a lost send
+        leaves it queued, and the reconciler sends it again)."""
         ...
 
     def start(self) -> None: ...
@@ -114,6 +127,13 @@ class CeleryDispatcher:
         """Send the job; every connect and reply waits at most ``broker_timeout``, and attempts
         stop once ``broker_deadline`` is spent: then ``DependencyTimeout`` (or the broker's
         error). The job may be lost only as a message: its run stays queued in the database."""
+        self._send(TUNE_TASK_NAME, [task_id, int(attempt)], f"task {task_id} attempt {attempt}")
+
+    def submit_evaluation(self, evaluation_id: str) -> None:
+        """Send the evaluation's job, bounded as ``submit``; a lost message leaves it queued."""
+        self._send(EVALUATE_TASK_NAME, [evaluation_id], f"evaluation {evaluation_id}")
+
+    def _send(self, name: str, args: list[Any], what: str) -> None:
         from store.timeouts import BROKER, DependencyTimeout
 
         start = time.monotonic()
@@ -125,7 +145,7 @@ class CeleryDispatcher:
                 # it at shutdown would break them ("Acquire on closed pool"). Task creation is rare
                 # enough that a connect per message costs nothing that matters.
                 with self.app.connection_for_write() as conn:
-                    self.app.send_task(TUNE_TASK_NAME, args=[task_id, int(attempt)], connection=conn, retry=False)
+                    self.app.send_task(name, args=args, connection=conn, retry=False)
                 return
             except Exception as exc:
                 backoff = 0.2 * 2**n
@@ -135,7 +155,7 @@ class CeleryDispatcher:
                     if "timeout" in f"{type(exc).__name__} {exc}".lower():
                         raise DependencyTimeout(BROKER, self.timeout) from exc
                     raise
-                log.warning("enqueueing task %s attempt %s failed (%s); retrying", task_id, attempt, exc)
+                log.warning("enqueueing %s failed (%s); retrying", what, exc)
                 time.sleep(backoff)
 
     def shutdown(self) -> None:
@@ -155,7 +175,8 @@ class ThreadDispatcher:
         self.backoff_s = backoff_s
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._inflight: dict[tuple[str, int], Future[None]] = {}
+        #: (task_id, attempt) of a run, ("evaluation", id) of an evaluation
+        self._inflight: dict[tuple[str, Any], Future[None]] = {}
         self._executor: ThreadPoolExecutor | None = None
         #: Called with (task_id, serving generation) after a job of this pool publishes a version.
         self.on_published: Callable[[str, int], None] | None = None
@@ -174,27 +195,37 @@ class ThreadDispatcher:
                 )
             if self._reconciler is None:
                 self._reconciler = Reconciler(
-                    self.settings, self._resubmit, sm=get_sessionmaker(self.settings.database_url)
+                    self.settings, self._resubmit, sm=get_sessionmaker(self.settings.database_url),
+                    submit_evaluation=self._resubmit_evaluation,
                 )
                 self._reconciler.start()
         try:
             with session_scope(get_sessionmaker(self.settings.database_url)) as s:
                 pending = repo.pending_runs(s)
+                pending_evaluations = evals.pending_evaluations(s)
         except Exception:
-            log.exception("could not list pending tuning runs; they resume on the next start")
+            log.exception("could not list pending tuning runs and evaluations; they resume on the next start")
             return
         for task_id, attempt in pending:
             log.info("resuming tuning of task %s attempt %s", task_id, attempt)
             self.submit(task_id, attempt)
+        for evaluation_id in pending_evaluations:
+            log.info("resuming evaluation %s", evaluation_id)
+            self.submit_evaluation(evaluation_id)
 
     def submit(self, task_id: str, attempt: int) -> None:
-        key = (task_id, int(attempt))
+        self._submit((task_id, int(attempt)), self._run, task_id, int(attempt))
+
+    def submit_evaluation(self, evaluation_id: str) -> None:
+        self._submit(("evaluation", evaluation_id), self._run_evaluation, evaluation_id)
+
+    def _submit(self, key: tuple[str, Any], fn: Callable[..., None], *args: Any) -> None:
         with self._lock:
             if self._executor is None:
                 raise RuntimeError("ThreadDispatcher is not started")
             if key in self._inflight:
                 return
-            fut = self._executor.submit(self._run, task_id, int(attempt))
+            fut = self._executor.submit(fn, *args)
             self._inflight[key] = fut
         fut.add_done_callback(lambda _f, k=key: self._done(k))
 
@@ -214,7 +245,11 @@ class ThreadDispatcher:
         if not self._stop.is_set():
             self.submit(task_id, attempt)
 
-    def _done(self, key: tuple[str, int]) -> None:
+    def _resubmit_evaluation(self, evaluation_id: str) -> None:
+        if not self._stop.is_set():
+            self.submit_evaluation(evaluation_id)
+
+    def _done(self, key: tuple[str, Any]) -> None:
         with self._lock:
             self._inflight.pop(key, None)
 
@@ -240,6 +275,28 @@ class ThreadDispatcher:
                     return
             except Exception:
                 log.exception("task %s attempt %s: job crashed", task_id, attempt)
+                return
+
+    def _run_evaluation(self, evaluation_id: str) -> None:
+        for n in range(self.max_retries + 1):
+            if self._stop.is_set():
+                return
+            try:
+                run_evaluation_job(evaluation_id, settings=self.settings, stop_event=self._stop)
+                return
+            except JobInterrupted:
+                log.info("evaluation %s: interrupted by shutdown; resumes at next start", evaluation_id)
+                return
+            except TransientJobError as exc:
+                if n == self.max_retries:
+                    mark_evaluation_failed_after_retries(evaluation_id, settings=self.settings, exc=exc)
+                    return
+                delay = min(60.0, self.backoff_s * 2**n)
+                log.warning("evaluation %s: retry %d in %.1fs (%s)", evaluation_id, n + 1, delay, exc)
+                if self._stop.wait(delay):
+                    return
+            except Exception:
+                log.exception("evaluation %s: job crashed", evaluation_id)
                 return
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
@@ -282,10 +339,11 @@ def run_celery_worker(settings: "Settings", *, concurrency: int = 1, loglevel: s
     _preload_backbone_in_job_processes(settings, pool)
     # the object garbage collector (PROMPTSTORE_GC_INTERVAL; its own connections, opened in its thread)
     PeriodicCollector.from_settings(settings).start()
-    # the run reconciler (PROMPTSTORE_RECONCILE_INTERVAL_S): re-sends queued runs whose message
-    # was lost, re-queues or fails runs whose worker stopped renewing its lease; safe with many
+    # the reconciler (PROMPTSTORE_RECONCILE_INTERVAL_S): re-sends queued runs and evaluations whose
+    # message was lost, re-queues or fails those whose worker stopped renewing its lease; safe with many
     # workers (each decision is a conditional write); its own connections, opened in its thread
-    Reconciler(settings, CeleryDispatcher(settings).submit).start()
+    sender = CeleryDispatcher(settings)
+    Reconciler(settings, sender.submit, submit_evaluation=sender.submit_evaluation).start()
     celery_app.worker_main(
         ["worker", f"--loglevel={loglevel}", f"--concurrency={concurrency}", f"--pool={pool}", "--without-gossip",
          "--without-mingle", "-Q", QUEUE]

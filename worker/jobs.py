@@ -12,13 +12,19 @@ runner of ``promptstore serve`` (``worker.dispatch.ThreadDispatcher``).
    the job stops at its next step without publishing: every write it makes is conditional on
    its owner. The lease is released when the job stops without finishing (shutdown,
    transient error), so a retry can claim the run at once;
-2. reads the dataset zip from the object store and decodes it with ``store.archive``
-   (the same checks as at upload), preprocessing each image with the backbone;
+2. takes the snapshot of the task's samples (``store.samples``; the task's dataset zip is
+   expanded into its first samples here if no samples call did it first: the same checks as at
+   upload), then reads each sample's image, decodes it and preprocesses it with the backbone;
 3. tunes through ``backbone.tune`` on the process's one backbone, writing progress to the
    database at most every ``PROGRESS_INTERVAL_S`` and at every epoch, and stopping when a
    cancel is requested (read from the database, throttled the same way);
 4. publishes the prompt: the object under its content-addressed key first, then the
-   version row and the task switch in one transaction (``store.publish``).
+   version row (with the snapshot it trained on: its hash and counts) and the task switch in
+   one transaction (``store.publish``);
+5. after a publish, requests the task's next run when it asks for one automatically
+   (``retrain_after_samples``: enough samples were added meanwhile) and runs it at once, in this
+   same execution (so the in-process runner and Celery alike need nothing more); should that
+   stop, the run is queued or running in the database and the reconciler sends it again.
 
 Errors: a transient infrastructure error (database or object store unreachable, ...) is
 re-raised as ``TransientJobError`` so the caller retries the job; anything else fails the
@@ -38,14 +44,18 @@ from typing import TYPE_CHECKING, Any
 
 import redis.exceptions
 import sqlalchemy.exc
+from sqlalchemy import select
 
 from backbone.holder import get_backbone
 from store import logcontext, repo
+from store import samples as sample_store
 from store.announce import announce_version
-from store.archive import ArchiveLimits, DatasetError, iter_archive_images
+from store.archive import ArchiveLimits, DatasetError
 from store.db import get_sessionmaker, session_scope
+from store.models import Task
 from store.objects import InvalidKey, ObjectNotFound, ObjectStoreError, get_object_store, transient_errors
 from store.publish import publish_prompt
+from worker.lease import JobLease
 
 if TYPE_CHECKING:
     from store.settings import Settings
@@ -104,7 +114,6 @@ class _RunInput:
     method: str
     config: dict[str, Any]
     classes: list[str]
-    dataset_key: str | None
     next_version: int
 
 
@@ -126,7 +135,16 @@ def run_tune_job(
     """
     try:
         with logcontext.bind(task_id=task_id):  # every log line of the job carries its ids
-            return _run(task_id, attempt, settings, stop_event, on_published)
+            outcome = _run(task_id, attempt, settings, stop_event, on_published)
+            while outcome == "published" and (stop_event is None or not stop_event.is_set()):
+                follow = _next_automatic_run(settings, task_id)
+                if follow is None:
+                    break
+                log.info("task %s: enough samples were added meanwhile; running attempt %s (automatic retrain)",
+                         task_id, follow)
+                attempt = follow
+                outcome = _run(task_id, attempt, settings, stop_event, on_published)
+            return outcome
     except (TransientJobError, JobInterrupted):
         raise
     except Exception as exc:
@@ -154,20 +172,19 @@ def _run(
             )
             return "skipped"
         logcontext.set_ids(tenant_id=task.tenant_id)
-        dataset_key = None
-        if task.dataset_id is not None:
-            ds = repo.get_dataset(s, task.dataset_id, tenant_id=task.tenant_id)
-            dataset_key = ds.object_key if ds is not None else None
         run = _RunInput(
             method=task.method,
             config=dict(task.config or {}),
             classes=list(task.classes or []),
-            dataset_key=dataset_key,
             next_version=repo.next_version_number(s, task.id),
         )
     log.info("task %s attempt %s: tuning %s", task_id, attempt, run.method)
 
-    lease = _Lease(sm, task_id, attempt, owner, settings.run_lease_s)
+    lease = JobLease(
+        sm, owner=owner, lease_s=settings.run_lease_s, label=f"task {task_id} attempt {attempt}",
+        renew=lambda s: repo.renew_lease(s, task_id, attempt, owner=owner, lease_s=settings.run_lease_s),
+        release=lambda s: repo.release_lease(s, task_id, attempt, owner=owner),
+    )
     lease.start()
     try:
         return _tune_and_publish(task_id, attempt, run, settings, sm, stop_event, on_published, lease)
@@ -190,50 +207,6 @@ def _run(
         lease.release()  # a no-op once the run finished; else a retry may claim it at once
 
 
-class _Lease:
-    """The job's hold on its run: a daemon thread renews it every quarter of ``lease_s``;
-    ``lost`` is set once a renewal finds the run no longer this owner's (or not running)."""
-
-    def __init__(self, sm: Any, task_id: str, attempt: int, owner: str, lease_s: float) -> None:
-        self.sm = sm
-        self.task_id = task_id
-        self.attempt = attempt
-        self.owner = owner
-        self.lease_s = float(lease_s)
-        self.lost = threading.Event()
-        self._done = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._beat, name=f"promptstore-lease-{self.task_id[:8]}", daemon=True)
-        self._thread.start()
-
-    def _beat(self) -> None:
-        interval = max(0.05, self.lease_s / 4)
-        while not self._done.wait(interval):
-            try:
-                with session_scope(self.sm) as s:
-                    held = repo.renew_lease(s, self.task_id, self.attempt, owner=self.owner, lease_s=self.lease_s)
-            except Exception as exc:  # the database may be briefly down; the lease has slack
-                log.warning("task %s attempt %s: lease renewal failed: %s", self.task_id, self.attempt, _brief(exc))
-                continue
-            if not held:
-                self.lost.set()
-                return
-
-    def stop(self) -> None:
-        self._done.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(5)
-
-    def release(self) -> None:
-        try:
-            with session_scope(self.sm) as s:
-                repo.release_lease(s, self.task_id, self.attempt, owner=self.owner)
-        except Exception as exc:  # it expires by itself
-            log.warning("task %s attempt %s: could not release the lease: %s", self.task_id, self.attempt, _brief(exc))
-
-
 def failure_reason(exc: BaseException) -> str | None:
     """A tenant-facing reason for an expected failure, or None for an unexpected one."""
     from backbone import BackboneError, ConfigError, PromptFormatError, PromptMismatch
@@ -241,6 +214,8 @@ def failure_reason(exc: BaseException) -> str | None:
 
     if isinstance(exc, DatasetError):
         return f"invalid dataset: {exc}"
+    if isinstance(exc, sample_store.SampleError):
+        return f"invalid samples: {exc}"
     if isinstance(exc, (DivergedError, NonFinitePrompt)):  # the message says what diverged and why
         return str(exc)
     if isinstance(exc, ConfigError):
@@ -264,11 +239,12 @@ def _tune_and_publish(
     sm: Any,
     stop_event: threading.Event | None,
     on_published: Callable[[str, int], None] | None,
-    lease: _Lease,
+    lease: JobLease,
 ) -> str:
     import torch
 
     from backbone import Cancelled, tune, validate_config
+    from backbone.methods import get_method
 
     objects = get_object_store(settings)
     backbone = get_backbone(settings.backbone, settings.device)
@@ -277,24 +253,42 @@ def _tune_and_publish(
 
     images = labels = None
     classes = run.classes
-    if run.dataset_key is not None:
-        data = objects.get(run.dataset_key)
-        manifest, decoded = iter_archive_images(data, ArchiveLimits.from_settings(settings))
-        del data
-        tensors = []
-        label_list = []
-        for img, label in decoded:
-            tensors.append(backbone.preprocess(img))  # (3, S, S)
-            img.close()
-            label_list.append(label)
-            if len(tensors) % 32 == 0 and monitor.should_cancel():
-                decoded.close()  # type: ignore[attr-defined]
-                raise Cancelled()
-        images = torch.stack(tensors)  # (N, 3, S, S)
-        labels = torch.tensor(label_list, dtype=torch.long)  # (N,)
-        classes = list(manifest.classes)
+    snapshot: sample_store.Snapshot | None = None
+    if get_method(run.method).needs_dataset:  # trained on the task's samples (zeroshot: on class names)
+        if not sample_store.ensure_seeded(sm, objects, task_id, limits=ArchiveLimits.from_settings(settings)):
+            log.info("task %s attempt %s: the task was deleted; stopping", task_id, attempt)
+            return "skipped"
+        with session_scope(sm) as s:
+            snapshot = sample_store.take_snapshot(s, task_id, attempt, owner=lease.owner)
+        if snapshot is None:  # the run is not this execution's any more
+            if _taken_over(sm, task_id, attempt, lease.owner):
+                log.warning(LOST_LEASE, task_id, attempt)
+                return "lost"
+            log.info("task %s attempt %s: run no longer current; nothing to train", task_id, attempt)
+            return "skipped"
+        classes = _trainable_classes(task_id, snapshot)
+        log.info("task %s attempt %s: %d samples, %d classes (snapshot %s)", task_id, attempt, len(snapshot.items),
+                 len(classes), snapshot.sha256[:12])
 
     try:
+        if snapshot is not None:
+            index = {c: i for i, c in enumerate(classes)}
+            tensors: list[Any] = []
+            label_list: list[int] = []
+
+            def add(img: Any, label: str) -> None:
+                tensors.append(backbone.preprocess(img))  # (3, S, S)
+                img.close()
+                label_list.append(index[label])
+
+            done = sample_store.load_images(
+                objects, snapshot, max_pixels=settings.max_image_pixels, on_image=add, should_stop=monitor.should_cancel,
+            )
+            if not done:
+                raise Cancelled()
+            images = torch.stack(tensors)  # (N, 3, S, S)
+            labels = torch.tensor(label_list, dtype=torch.long)  # (N,)
+            del tensors
         result = tune(
             backbone,
             run.method,
@@ -336,6 +330,8 @@ def _tune_and_publish(
         confusion=confusion,
         owner=lease.owner,
         keep_versions=settings.max_versions_per_task,
+        method=result.prompt.method,
+        samples=snapshot.record() if snapshot is not None else None,
     )
     if pv is None:
         with session_scope(sm) as s:  # refused because a cancel won the race with the publish?
@@ -359,6 +355,37 @@ def _tune_and_publish(
     return "published"
 
 
+def _trainable_classes(task_id: str, snapshot: sample_store.Snapshot) -> list[str]:
+    """The classes of the snapshot (``Snapshot.classes``); SampleError when fewer than 2 classes
+    have samples (a run needs at least 2)."""
+    classes = snapshot.classes
+    if len(classes) >= 2:
+        return classes
+    have = f"samples of one class only ('{classes[0]}')" if classes else "no samples"
+    raise sample_store.SampleError(
+        f"task {task_id} has {have}; a run needs samples of at least 2 classes: add some (POST "
+        f"/v1/tasks/{task_id}/samples) or retrain with a dataset"
+    )
+
+
+def _next_automatic_run(settings: "Settings", task_id: str) -> int | None:
+    """After a publish: request the task's next run if enough samples were added meanwhile
+    (``store.samples.request_auto_retrain``); its attempt, or None. A failure here is logged
+    only (the publish stands; the next sample added checks again)."""
+    try:
+        sm = get_sessionmaker(settings.database_url)
+        with session_scope(sm) as s:
+            tenant_id = s.scalar(select(Task.tenant_id).where(Task.id == task_id))
+            if tenant_id is None:
+                return None
+            task = sample_store.request_auto_retrain(s, task_id, tenant_id=tenant_id)
+            attempt = task.attempt if task is not None else None
+        return attempt
+    except Exception as exc:
+        log.warning("task %s: could not check for an automatic retrain: %s", task_id, _brief(exc))
+        return None
+
+
 def _taken_over(sm: Any, task_id: str, attempt: int, owner: str) -> bool:
     """True when run ``attempt`` is still current but no longer held by ``owner``."""
     with session_scope(sm) as s:
@@ -372,7 +399,7 @@ class _Monitor:
     """Progress writes and cancel checks, both throttled to one DB round trip per interval."""
 
     def __init__(
-        self, sm: Any, task_id: str, attempt: int, stop_event: threading.Event | None, lease: _Lease
+        self, sm: Any, task_id: str, attempt: int, stop_event: threading.Event | None, lease: JobLease
     ) -> None:
         self.lease = lease
         self.sm = sm

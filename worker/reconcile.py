@@ -22,6 +22,11 @@ exactly one of them wins the write and sends the message.
   progress, publish and finish writes are conditional on its owner) and stops without
   publishing.
 
+Evaluations (``store.evaluations``) are reconciled the same way when the caller passes
+``submit_evaluation``: a queued one whose message was last sent more than
+``requeue_queued_after_s`` ago is sent again, a running one whose lease expired is put back to
+queued (and sent) up to ``run_max_requeues`` times, then failed with ``STALLED_EVALUATION``.
+
 The bound (docs/operations.md, "Runs that cannot get stuck"): a run whose worker stopped is
 re-queued or failed at most ``run_lease_s + reconcile_interval_s`` after the worker's last
 heartbeat; a queued run whose message was lost is sent again at most
@@ -39,6 +44,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from store import evaluations as evals
 from store import repo
 from store.db import session_scope, utcnow
 
@@ -46,15 +52,20 @@ log = logging.getLogger("promptstore.worker")
 
 #: The error of a run failed because its worker stopped responding too many times.
 STALLED_REASON = "the worker running this task stopped responding; retrain to try again"
+#: The error of an evaluation failed for the same reason.
+STALLED_EVALUATION = "the worker running this evaluation stopped responding; submit it again"
 
 
 @dataclasses.dataclass
 class ReconcileReport:
-    """What one pass did, as ``(task_id, attempt)`` lists."""
+    """What one pass did, as ``(task_id, attempt)`` lists for runs and id lists for evaluations."""
 
     resent: list[tuple[str, int]] = dataclasses.field(default_factory=list)
     requeued: list[tuple[str, int]] = dataclasses.field(default_factory=list)
     failed: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    evaluations_resent: list[str] = dataclasses.field(default_factory=list)
+    evaluations_requeued: list[str] = dataclasses.field(default_factory=list)
+    evaluations_failed: list[str] = dataclasses.field(default_factory=list)
 
 
 def reconcile_once(
@@ -63,11 +74,15 @@ def reconcile_once(
     *,
     requeue_queued_after_s: float,
     max_requeues: int,
+    submit_evaluation: Callable[[str], None] | None = None,
+    objects: Any = None,
 ) -> ReconcileReport:
     """One pass: re-send queued runs whose message may be lost, re-queue (or fail) running
     runs whose lease expired. ``submit(task_id, attempt)`` sends a run to the job runner; it is
     called after the commit that recorded the decision. A send that fails is logged and tried
-    again on a later pass (the run stays queued)."""
+    again on a later pass (the run stays queued). With ``submit_evaluation(evaluation_id)`` the
+    evaluations are reconciled too; ``objects`` (an object store) deletes the zip of an
+    evaluation failed here (else the garbage collector does)."""
     report = ReconcileReport()
     now = utcnow()
     with session_scope(sm) as s:
@@ -103,7 +118,56 @@ def reconcile_once(
         except Exception as exc:
             log.error("reconciler: could not send task %s attempt %s (%s); next pass tries again",
                       run.task_id, run.attempt, type(exc).__name__)
+    if submit_evaluation is not None:
+        _reconcile_evaluations(sm, submit_evaluation, report, now=now, requeue_queued_after_s=requeue_queued_after_s,
+                               max_requeues=max_requeues, objects=objects)
     return report
+
+
+def _reconcile_evaluations(
+    sm: sessionmaker[Session],
+    submit: Callable[[str], None],
+    report: ReconcileReport,
+    *,
+    now: Any,
+    requeue_queued_after_s: float,
+    max_requeues: int,
+    objects: Any,
+) -> None:
+    with session_scope(sm) as s:
+        stuck = evals.stuck_evaluations(s, now=now, requeue_queued_after_s=requeue_queued_after_s)
+    for ev in stuck:
+        key = None
+        with session_scope(sm) as s:
+            if ev.status == evals.QUEUED:
+                action = "resent" if evals.mark_evaluation_resent(s, ev, now=now) else None
+            elif ev.requeues >= max_requeues:
+                won, key = evals.fail_stalled_evaluation(s, ev, now=now, error=STALLED_EVALUATION)
+                action = "failed" if won else None
+            else:
+                action = "requeued" if evals.requeue_stalled_evaluation(s, ev, now=now) else None
+        if action is None:  # another reconciler, the job itself or a delete acted first
+            continue
+        getattr(report, f"evaluations_{action}").append(ev.id)
+        if action == "failed":
+            log.warning("reconciler: evaluation %s failed: its worker stopped responding %d times", ev.id,
+                        ev.requeues + 1)
+            if key is not None and objects is not None:
+                try:
+                    objects.delete(key)
+                except Exception as exc:  # no row refers to it: the garbage collector takes it
+                    log.warning("reconciler: could not delete %s (%s)", key, type(exc).__name__)
+            continue
+        if action == "requeued":
+            log.warning("reconciler: evaluation %s re-queued: its worker stopped responding (lease of %s expired)",
+                        ev.id, ev.lease_owner or "a stopped job")
+        else:
+            log.warning("reconciler: evaluation %s still queued; sent again", ev.id)
+        try:
+            submit(ev.id)
+        except Exception as exc:
+            log.error("reconciler: could not send evaluation %s (%s); next pass tries again", ev.id,
+                      type(exc).__name__)
 
 
 class Reconciler:
@@ -116,9 +180,12 @@ class Reconciler:
         *,
         sm: sessionmaker[Session] | None = None,
         name: str = "promptstore-reconciler",
+        submit_evaluation: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.submit = submit
+        self.submit_evaluation = submit_evaluation
+        self._object_store: Any = None
         self._sm = sm
         self.name = name
         self._stop = threading.Event()
@@ -145,7 +212,23 @@ class Reconciler:
             self.submit,
             requeue_queued_after_s=self.settings.requeue_queued_after_s,
             max_requeues=self.settings.run_max_requeues,
+            submit_evaluation=self.submit_evaluation,
+            objects=self._objects(),
         )
+
+    def _objects(self) -> Any:
+        """An object store client of the reconciler's own (to delete the zip of an evaluation
+        failed here; opened in its thread, as its database engine), or None."""
+        if self.submit_evaluation is None or not getattr(self.settings, "object_store_url", None):
+            return None
+        if self._object_store is None:
+            try:
+                from store.objects import open_object_store
+
+                self._object_store = open_object_store(self.settings)
+            except Exception:  # the garbage collector deletes the zip instead
+                return None
+        return self._object_store
 
     def start(self) -> None:
         if self._thread is not None:

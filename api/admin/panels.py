@@ -44,6 +44,16 @@ def backbone_info(state: ServiceState) -> dict[str, Any]:
     }
 
 
+def serving_fingerprint(state: ServiceState) -> str | None:
+    """The fingerprint of the backbone this service runs (a version made on another one cannot
+    be served); None while it loads or when it failed to."""
+    try:
+        fp = getattr(state.backbone.get(), "fingerprint", None)
+    except BackboneNotReady:
+        return None
+    return str(fp) if fp else None
+
+
 def cache_info(inference: Inference) -> dict[str, Any]:
     """Prompt cache size and hit rate, queue and throughput, from the engine's ``stats()``
     (``api.engine.EngineStats``); all None (shown as such) when it fails."""

@@ -1,5 +1,6 @@
-"""The admin dashboard: server-rendered pages under ``/admin`` and the small JSON feed their
-script polls for live progress (``/admin/api/...``).
+"""The admin dashboard: server-rendered pages under ``/admin``, the small JSON feed the list
+pages' script polls for live progress (``/admin/api/...``) and the task page's Server-Sent
+Events feed (``/admin/tasks/{id}/events``, ``api.admin.feed``).
 
 Without the admin token there is no page and no data: pages answer 401 with the login form
 in their place, JSON and POST routes 401 ``{"detail"}``. POST forms need the session's CSRF token.
@@ -14,25 +15,28 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from fastapi import APIRouter, Form, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+import anyio
+from fastapi import APIRouter, Form, Header, Path, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from jinja2 import Environment, PackageLoader, select_autoescape
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api import services
-from api.admin import auth, charts, panels
+from api.admin import auth, charts, feed, panels
 from api.admin.deps import AdminApi, AdminEntryPage, AdminForm, AdminPage, AdminState, MaybeAdmin
 from api.deps import DbSession, admin_attempt
 from api.errors import ApiError
 from api.ratelimit import RateLimited
 from api.state import ServiceState
-from store import logcontext, overview, repo
+from store import evaluations, logcontext, overview, repo
 from store.db import session_scope
-from store.models import TASK_STATUSES
+from store.models import TASK_STATUSES, Evaluation, PromptVersion, Task
 
 log = logging.getLogger("promptstore.admin")
 
@@ -40,6 +44,8 @@ router = APIRouter(prefix="/admin", include_in_schema=False)
 
 PAGE_SIZE = 100
 LIVE_POLL_MS = 1000
+#: Evaluations the task page shows (the newest).
+EVALUATIONS_SHOWN = 20
 
 #: Security headers of every admin response: no framing, no third-party anything, no caching.
 _HEADERS = {
@@ -56,6 +62,7 @@ _NOTICES = {
     "retried": "A new run was queued.",
     "deleted": "The task and its prompt objects were deleted.",
     "idle": "Nothing to cancel: the task has no run in progress.",
+    "served": "The chosen version is now served: classify requests use it from now on.",
 }
 
 
@@ -84,13 +91,19 @@ def _fmt_num(value: Any) -> str:
     return "—" if value is None else str(value)
 
 
+def _fmt_dec(value: Any) -> str:
+    """A score in [0, 1] with three decimals (precision, recall, F1, ECE, a threshold)."""
+    return f"{float(value):.3f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "—"
+
+
 env = Environment(
     loader=PackageLoader("api.admin", "templates"),
     autoescape=select_autoescape(default=True, default_for_string=True),
     trim_blocks=True,
     lstrip_blocks=True,
 )
-env.filters.update(time=_fmt_time, pct=_fmt_pct, bytes=_fmt_bytes, num=_fmt_num)
+env.filters.update(time=_fmt_time, pct=_fmt_pct, bytes=_fmt_bytes, num=_fmt_num, dec=_fmt_dec,
+                   backbone=repo.fingerprint_label)
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -130,19 +143,7 @@ def _safe_next(target: str | None) -> str:
     return "/admin"
 
 
-def _row_json(r: overview.TaskRow) -> dict[str, Any]:
-    return {
-        "id": r.id,
-        "status": r.status,
-        "progress": r.progress,
-        "run_status": r.run_status,
-        "run_progress": r.run_progress,
-        "version": r.version,
-        "error": r.error,
-        "val_accuracy": r.val_accuracy,
-        "live": r.live,
-        "updated_at": r.updated_at.isoformat(),
-    }
+_row_json = feed.row_json
 
 
 # --------------------------------------------------------------------------- static and login
@@ -323,9 +324,57 @@ def _detail(s: Session, task_id: str) -> overview.TaskDetail:
     return d
 
 
+@dataclass(frozen=True)
+class EvaluationView:
+    """One evaluation as the task page shows it: its row, and for a ready one its numbers,
+    per-class table, reliability diagram and confusion matrix."""
+
+    id: str
+    version: int
+    status: str
+    params: dict[str, Any]
+    error: str | None
+    created_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    result: dict[str, Any]
+    top_k: dict[str, Any] | None
+    per_class: list[dict[str, Any]]
+    reliability: charts.Reliability | None
+    cm: charts.Confusion | None
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    return [r for r in value if isinstance(r, dict)] if isinstance(value, list) else []
+
+
+def _evaluation_view(e: Evaluation) -> EvaluationView:
+    result = e.result if isinstance(e.result, dict) and e.status == "ready" else {}
+    classes = [str(c) for c in result.get("classes") or []] if isinstance(result.get("classes"), list) else []
+    top_k = result.get("top_k_accuracy")
+    return EvaluationView(
+        id=e.id, version=e.version, status=e.status, params=e.params if isinstance(e.params, dict) else {},
+        error=e.error, created_at=e.created_at, finished_at=e.finished_at, result=result,
+        top_k=top_k if isinstance(top_k, dict) else None,
+        per_class=_dicts(result.get("per_class")),
+        reliability=charts.reliability(result.get("reliability")),
+        cm=charts.confusion(result.get("confusion"), classes),
+    )
+
+
+def _evaluations(s: Session, t: Task) -> tuple[list[EvaluationView], bool]:
+    """The task's newest ``EVALUATIONS_SHOWN`` evaluations, newest first, and whether it has more."""
+    rows = evaluations.list_evaluations(s, t.id, tenant_id=t.tenant_id, limit=EVALUATIONS_SHOWN + 1)
+    return [_evaluation_view(e) for e in rows[:EVALUATIONS_SHOWN]], len(rows) > EVALUATIONS_SHOWN
+
+
+def _metric_items(metrics: Any) -> list[tuple[str, Any]]:
+    """A version's scalar metrics for the key/value table (``per_class`` has a table of its own)."""
+    return sorted((k, v) for k, v in (metrics or {}).items() if k != "per_class") if isinstance(metrics, dict) else []
+
+
 @router.get("/tasks/{task_id}", response_class=HTMLResponse)
 def task_page(
-    admin: AdminPage, s: DbSession, task_id: str, done: str | None = None, problem: str | None = None
+    admin: AdminPage, state: AdminState, s: DbSession, task_id: str, done: str | None = None, problem: str | None = None
 ) -> Response:
     started = time.perf_counter()
     d = _detail(s, task_id)
@@ -334,6 +383,8 @@ def task_page(
     # A retrain in progress shows its own curve until it publishes; otherwise the served one.
     live_history = run.history if run.is_retrain and run.active else None
     classes = [str(c) for c in (t.classes or [])]
+    evals, more_evals = _evaluations(s, t)
+    events = feed.recent_events(s, t.id, tenant_id=t.tenant_id)
     return _render(
         "task.html", started, admin=admin, nav="tasks", d=d, t=t, classes=classes,
         run_status=run.status, run_progress=run.progress, run_error=run.error,
@@ -341,8 +392,78 @@ def task_page(
         curve=charts.training_curve(live_history or t.history),
         curve_is_retrain=bool(live_history),
         cm=charts.confusion(t.confusion, classes),
+        metric_items=_metric_items(t.metrics),
+        per_class=_dicts((t.metrics or {}).get("per_class") if isinstance(t.metrics, dict) else None),
+        serving_fp=panels.serving_fingerprint(state),
+        evaluations=evals, more_evaluations=more_evals,
+        events=events, events_after=events[-1]["id"] if events else 0, event_kinds=feed.EVENT_KINDS,
         notice=_NOTICES.get(done or ""), problem=problem,
     )
+
+
+def _tenant_of(state: ServiceState, task_id: str) -> str | None:
+    with session_scope(state.sessionmaker) as s:
+        return s.scalar(select(Task.tenant_id).where(Task.id == task_id))
+
+
+@router.get("/tasks/{task_id}/events")
+async def task_events(
+    request: Request,
+    _: AdminApi,
+    state: AdminState,
+    task_id: str,
+    after: int = Query(0, ge=0, le=2**62, description="the last event the page has; Last-Event-ID wins"),
+    last_event_id: str | None = Header(None),
+) -> Response:
+    """The task's events as Server-Sent Events, with its live state (``api.admin.feed``)."""
+    tenant_id = await anyio.to_thread.run_sync(_tenant_of, state, task_id)
+    if tenant_id is None:
+        raise ApiError(404, f"task {task_id} not found")
+    logcontext.set_ids(tenant_id=tenant_id, task_id=task_id)
+    body = feed.stream(request, state.sessionmaker, task_id, tenant_id, feed.cursor(last_event_id, after))
+    return StreamingResponse(body, media_type="text/event-stream", headers={**_HEADERS, "X-Accel-Buffering": "no"})
+
+
+def _version_of(d: overview.TaskDetail, version: int) -> PromptVersion:
+    pv = next((v for v in d.versions if v.version == version), None)
+    if pv is None:
+        have = ", ".join(str(v.version) for v in d.versions) or "none yet"
+        raise ApiError(404, f"task {d.task.id} has no version {version} (versions kept: {have})")
+    return pv
+
+
+@router.get("/tasks/{task_id}/versions/{version}/serve", response_class=HTMLResponse)
+def confirm_serve_page(
+    admin: AdminPage, state: AdminState, s: DbSession, task_id: str, version: int = Path(ge=1, le=2**31)
+) -> Response:
+    started = time.perf_counter()
+    d = _detail(s, task_id)
+    v = _version_of(d, version)
+    served = next((pv for pv in d.versions if pv.version == d.task.version), None)
+    fp = panels.serving_fingerprint(state)
+    return _render(
+        "confirm_serve.html", started, admin=admin, nav="tasks", d=d, t=d.task, v=v, served=served,
+        serving_fp=fp, incompatible=fp is not None and v.fingerprint != fp,
+        classes_differ=served is not None and v.classes is not None and list(v.classes) != list(served.classes or []),
+    )
+
+
+@router.post("/tasks/{task_id}/versions/{version}/serve")
+def serve_version(
+    _: AdminForm, state: AdminState, s: DbSession, task_id: str, version: int = Path(ge=1, le=2**31)
+) -> Response:
+    tenant_id = _task_tenant(s, task_id)
+    try:
+        services.serve_version(state, s, task_id, version, tenant_id=tenant_id)
+    except ApiError as exc:
+        # 409: made on another backbone, or the served version changed meanwhile; 503: the
+        # backbone is still loading. Shown on the task page; 404 and the rest answer as errors.
+        if exc.status_code not in (409, 503):
+            raise
+        log.info("admin serve of version %s of task %s refused: %s", version, task_id, exc.detail)
+        return _back(task_id, problem=exc.detail)
+    log.info("admin served version %s of task %s", version, task_id)
+    return _back(task_id, done="served")
 
 
 @router.get("/tasks/{task_id}/delete", response_class=HTMLResponse)

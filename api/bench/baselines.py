@@ -139,6 +139,9 @@ class NaiveServer:
     def published(self, task_id: str, version: int) -> None:
         self.evict(task_id)
 
+    def served(self, task_id: str, generation: int) -> None:
+        self.evict(task_id)
+
     def stats(self) -> "EngineStats":
         return {
             "queue_images": 0, "queue_size": 1, "max_batch": 1, "max_wait_ms": 0.0, "batches": self.switches,

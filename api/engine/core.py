@@ -102,7 +102,7 @@ class Engine:
         self, ref: ServingRef, images: list["Image.Image"], top_k: int | None
     ) -> list[list[Prediction]]:
         bb = self.backbone.get()
-        if ref.fingerprint != bb.fingerprint:
+        if ref.version != 0 and ref.fingerprint != bb.fingerprint:  # version 0 is built here, on this one
             raise PromptUnavailable(
                 f"the task's prompt (version {ref.version}) was tuned on backbone {ref.fingerprint.split('#')[0]} "
                 f"but this service runs {bb.spec}; retrain the task to use it here"
@@ -144,6 +144,14 @@ class Engine:
         serve, making ``generation`` the task's serving generation: drop the older prompt at
         once (other replicas hear of it through Redis)."""
         self.cache.note_version(task_id, int(generation), "version")
+
+    def served(self, task_id: str, generation: int) -> None:
+        """A request of this process chose another version to serve (committed), making
+        ``generation`` the task's serving generation: drop the older prompt here and, through
+        Redis, in every replica, which from then on refuse requests that read an older one."""
+        self.cache.note_version(task_id, int(generation), "version")
+        if self.bus is not None:
+            self.bus.publish(task_id, int(generation))
 
     def observe(self, method: str, outcome: str, seconds: float | None = None) -> None:
         self.metrics.requests.labels(method or "unknown", outcome).inc()
@@ -200,6 +208,8 @@ class Engine:
         from backbone.artifacts import non_finite_tensor
 
         bb = self.backbone.get()
+        if ref.version == 0:
+            return _zero_shot_resident(bb, ref)
         data = self.objects.get(ref.object_key)
         try:
             prompt = load_prompt(data, bb)
@@ -223,6 +233,27 @@ class Engine:
 
     def _remote_invalidation(self, task_id: str, generation: int | None) -> None:
         self.cache.note_version(task_id, generation, "remote" if generation is not None else "deleted")
+
+
+def _zero_shot_resident(bb: "Backbone", ref: ServingRef) -> "ResidentPrompt":
+    """Version 0 of a task with no version yet: CLIP zero-shot on its class names (the
+    ``zeroshot`` method's templates), built here, never stored. PromptUnavailable (409) when the
+    backbone has no text tower or a class name's prompt does not fit its text encoder."""
+    from backbone import ConfigError, prepare_resident, tune, validate_config
+    from backbone.methods import check_class_texts
+
+    if bb.text_tokens is None:
+        raise PromptUnavailable(
+            f"the backbone {bb.spec} has no text tower to answer with zero-shot predictions before it"
+        )
+    classes = list(ref.classes)
+    try:
+        config = validate_config("zeroshot", None)
+        check_class_texts("zeroshot", classes, config, bb.text_tokens)
+        prompt = tune(bb, "zeroshot", classes, None, None, config).prompt
+    except ConfigError as exc:
+        raise PromptUnavailable(f"its class names cannot be served zero-shot before it: {exc}") from None
+    return prepare_resident(bb, prompt)
 
 
 def _retrieve(fut: "asyncio.Future[ResidentPrompt]") -> None:

@@ -10,8 +10,11 @@ from __future__ import annotations
 import logging
 import time
 
+import datetime as dt
+
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
@@ -23,7 +26,8 @@ from api.schemas import ClassifyResponse, ErrorOut
 from api.state import ServiceState
 from backbone.holder import BackboneNotReady
 from store import repo
-from store.db import session_scope
+from store import samples as sample_store
+from store.db import session_scope, utcnow
 from store.models import READY
 
 log = logging.getLogger("promptstore.api")
@@ -53,6 +57,18 @@ _BODY = {
 }
 
 
+class ClassifyAnswer(ClassifyResponse):
+    """The classify answer, and with ``keep=true`` the ids of the images kept for feedback."""
+
+    prediction_ids: list[str] | None = Field(
+        None, description="With keep=true: one id per image, in order, for POST /v1/tasks/{id}/feedback; null "
+        "without keep (nothing is stored then).",
+    )
+    kept_until: dt.datetime | None = Field(
+        None, description="With keep=true: when the kept images are deleted (PROMPTSTORE_PREDICTION_RETENTION_S).",
+    )
+
+
 def _serving_ref(state: ServiceState, task_id: str, tenant: CurrentTenant) -> ServingRef:
     with session_scope(state.sessionmaker) as s:
         return _ref_of(repo.serving_info(s, task_id, tenant_id=tenant.id), task_id)
@@ -76,6 +92,13 @@ def classify_target(
 def _ref_of(info: repo.ServingInfo | None, task_id: str) -> ServingRef:
     if info is None:
         raise ApiError(404, f"task {task_id} not found")
+    if info.version is None and info.zero_shot and info.classes:
+        # Before its first version: zero-shot predictions on the class names (version 0), built
+        # by the engine; the first publish raises the generation, so none answers after it.
+        return ServingRef(
+            task_id=task_id, version=0, object_key="", fingerprint="", classes=tuple(info.classes),
+            method="zeroshot", generation=info.generation, min_score=info.min_score,
+        )
     if info.status != READY or info.version is None or info.object_key is None:
         why = f"; it failed: {info.error}" if info.status == "failed" and info.error else ""
         raise ApiError(409, f"task {task_id} is {info.status}, not ready: it has no prompt to serve yet{why}")
@@ -93,7 +116,7 @@ def _ref_of(info: repo.ServingInfo | None, task_id: str) -> ServingRef:
 
 @router.post(
     "/{task_id}/classify",
-    response_model=ClassifyResponse,
+    response_model=ClassifyAnswer,
     openapi_extra=_BODY,
     responses={
         401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 409: {"model": ErrorOut},
@@ -111,13 +134,18 @@ async def classify(
         description="Leave out labels scoring below this (0..1); an image with none left gets an empty "
         "list (\"none of these\"). Default: the task's `min_score` (PATCH /v1/tasks/{id}), else none.",
     ),
+    keep: bool = Query(
+        False, description="Keep the images (for PROMPTSTORE_PREDICTION_RETENTION_S) so that a feedback can turn "
+        "one into a sample; the answer then has `prediction_ids`. Default false: nothing is stored.",
+    ),
     target: tuple[CurrentTenant, ServingRef] = Depends(classify_target),
     state: ServiceState = Depends(get_state),
-) -> ClassifyResponse:
+) -> ClassifyAnswer:
     """Classify one or more images (multipart ``images`` parts, or JSON ``{"images": [base64, ...]}``)
     with the task's served prompt. Scores are softmax probabilities over the task's classes,
     best first; with ``min_score`` (or the task's default) only the labels scoring at least that
-    are listed. 409 while the task has no ready version."""
+    are listed. 409 while the task has no ready version. With ``keep=true`` the images are kept
+    for feedback (``prediction_ids``); without it no image is stored."""
     settings = state.settings
     started = time.perf_counter()
     tenant, ref = target
@@ -148,12 +176,32 @@ async def classify(
         raise ApiError(503, f"{exc}; retry shortly", {"Retry-After": "5"}) from None
     except PromptUnavailable as exc:
         outcome = "unavailable"
+        if ref.version == 0:  # zero-shot before the first version: the task's state says why not
+            raise ApiError(409, f"task {task_id} has no prompt to serve yet and {exc}") from None
         raise ApiError(409, str(exc)) from None
     finally:
         for img in images:
             img.close()
         engine.observe(ref.method, outcome, time.perf_counter() - started if outcome == "ok" else None)
+    kept: list[str] | None = None
+    kept_until = None
+    if keep:  # the images as sent, each under its own key, then the rows (store.samples)
+        retention = settings.prediction_retention_s
+        tops = [(str(image[0]["label"]), float(image[0]["score"])) if image else (None, None) for image in predictions]
+        now = utcnow()
+        kept_until = now + dt.timedelta(seconds=retention)
+        kept = await run_in_threadpool(
+            lambda: sample_store.keep_predictions(
+                state.sessionmaker, state.objects, tenant_id=tenant.id, task_id=ref.task_id, version=ref.version,
+                images=payloads, tops=tops, retention_s=retention, now=now,
+            )
+        )
+        if kept is None:
+            raise ApiError(404, f"task {task_id} not found (it was deleted while answering); nothing was kept")
     threshold = min_score if min_score is not None else ref.min_score
     if threshold is not None:
         predictions = [[p for p in image if p["score"] >= threshold] for image in predictions]
-    return ClassifyResponse(task_id=ref.task_id, version=ref.version, min_score=threshold, predictions=predictions)
+    return ClassifyAnswer(
+        task_id=ref.task_id, version=ref.version, zero_shot=ref.version == 0, min_score=threshold,
+        predictions=predictions, prediction_ids=kept, kept_until=kept_until,
+    )

@@ -10,7 +10,7 @@ import json
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Depends, File, Form, Header, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Header, Query, Response, UploadFile
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -257,21 +257,36 @@ def create_task(
     dataset: UploadFile | None = File(None, description="Zip of class folders (required but for zeroshot)."),
     classes: str | None = Form(None, description='JSON list of class names (zeroshot only), e.g. ["cat", "dog"].'),
     config: str | None = Form(None, description="JSON object of method hyperparameters."),
+    zero_shot_until_trained: bool = Form(
+        False, description="Until the first version is published, classify answers with zero-shot predictions on "
+        "the class names (`version` 0) instead of 409. Needs a backbone with a text tower.",
+    ),
+    retrain_after_samples: int | None = Form(
+        None, ge=1, le=1_000_000, description="Request a run automatically once this many samples were added "
+        "(POST /v1/tasks/{id}/samples, feedback) since the last run started; at most one run at a time. Omitted: never.",
+    ),
     tenant: CurrentTenant = Depends(job_submitter),
-    _fields: None = Depends(form_fields("POST /v1/tasks", "name", "method", "dataset", "classes", "config")),
+    _fields: None = Depends(form_fields(
+        "POST /v1/tasks", "name", "method", "dataset", "classes", "config", "zero_shot_until_trained",
+        "retrain_after_samples",
+    )),
     state: ServiceState = Depends(get_state),
     idempotency_key: str | None = Header(None, alias="Idempotency-Key", description=_KEY_DOC),
 ) -> Any:
     """Create a task from a labelled dataset (or class names for zeroshot) and queue its tuning."""
     fp = idempotency_fingerprint(
         state, idempotency_key, "POST", "/v1/tasks",
-        {"name": name, "method": method, "classes": classes, "config": config}, dataset,
+        {"name": name, "method": method, "classes": classes, "config": config,
+         "zero_shot_until_trained": zero_shot_until_trained,
+         **({"retrain_after_samples": retrain_after_samples} if retrain_after_samples is not None else {})}, dataset,
     )
     if (answer := remembered(state, s, tenant.id, idempotency_key, fp)) is not None:
         return answer
     task_name = textinput.check_name("name", name)  # before anything is stored
     method = method.strip()
     cfg = parse_config(method, config)
+    if retrain_after_samples is not None and not needs_dataset(method):
+        raise ApiError(422, f"retrain_after_samples: method {method} is not tuned on images, so it takes no samples")
     if not needs_dataset(method):
         class_names = parse_classes(classes)
         check_class_texts(state, method, class_names, cfg)
@@ -283,23 +298,70 @@ def create_task(
             state, s, tenant.id, dataset, check=lambda names: check_class_texts(state, method, names, cfg)
         )
     task = repo.create_task(
-        s, tenant_id=tenant.id, name=task_name, method=method, config=cfg, classes=class_names, dataset_id=dataset_id
+        s, tenant_id=tenant.id, name=task_name, method=method, config=cfg, classes=class_names, dataset_id=dataset_id,
+        zero_shot_until_trained=zero_shot_until_trained,
     )
+    if retrain_after_samples is not None:
+        from store.samples import set_retrain_after_samples
+
+        set_retrain_after_samples(s, task.id, retrain_after_samples, tenant_id=tenant.id)
+        s.refresh(task)
     if (answer := remember_and_commit(state, s, tenant.id, idempotency_key, fp, task)) is not None:
         return answer
     enqueue(state, task.id, task.attempt)
     return task_public(task)
 
 
-@router.get("", response_model=TaskList, responses={401: _ERRORS[401]})
-def list_tasks(s: DbSession, tenant: CurrentTenant = Depends(current_tenant)) -> TaskList:
-    items = [task_public(t) for t in repo.list_tasks(s, tenant_id=tenant.id)]
-    return TaskList(items=items, count=len(items))
+@router.get("", response_model=TaskList, responses={401: _ERRORS[401], 422: {"model": ErrorOut}})
+def list_tasks(
+    s: DbSession,
+    tenant: CurrentTenant = Depends(current_tenant),
+    limit: int | None = Query(None, description="Tasks per page, 1 to 1000 (default 100)."),
+    cursor: str | None = Query(None, description="The `next_cursor` of the previous page; omitted: the first page."),
+    status: str | None = Query(
+        None, description="Only tasks in this status (queued, running, ready, failed, cancelled; several: comma-separated)."
+    ),
+    method: str | None = Query(None, description="Only tasks of this method: " + ", ".join(method_names()) + "."),
+    name_prefix: str | None = Query(None, description="Only tasks whose name starts with this (case-sensitive)."),
+) -> TaskList:
+    """The tenant's tasks, newest first, a page at a time (keyset: stable while tasks are
+    added); each item is a summary (GET /v1/tasks/{id} has the rest). ``count``: all matching."""
+    from api.schemas import task_summary
+    from store import listing
+
+    if method is not None and method.strip() and method.strip() not in method_names():
+        raise ApiError(422, f"method: {method[:40]!r} is not a method; accepted: {', '.join(method_names())}")
+    try:
+        page = listing.task_page(
+            s, tenant_id=tenant.id, limit=limit, cursor=cursor, status=status,
+            method=method.strip() if method else None, name_prefix=name_prefix,
+        )
+    except listing.InvalidListing as exc:
+        raise ApiError(422, str(exc)) from None
+    configs = listing.served_configs(s, page.items)
+    items = [task_summary(r, configs.get(r.id)) for r in page.items]
+    return TaskList(items=items, count=page.count, next_cursor=page.next_cursor)
 
 
-@router.get("/{task_id}", response_model=TaskPublic, responses=_ERRORS)
-def get_task(task_id: str, s: DbSession, tenant: CurrentTenant = Depends(current_tenant)) -> TaskPublic:
-    return task_public(get_own_task(s, task_id, tenant))
+@router.get("/{task_id}", response_model=TaskPublic, responses={**_ERRORS, 422: {"model": ErrorOut}})
+def get_task(
+    task_id: str,
+    s: DbSession,
+    tenant: CurrentTenant = Depends(current_tenant),
+    include: str | None = Query(
+        None, description="Heavy fields to add, comma-separated: history, confusion, per_class (in metrics). "
+        "Without: history and confusion are null and metrics has no per_class."
+    ),
+) -> TaskPublic:
+    from api.schemas import TASK_INCLUDES
+
+    wanted = {p.strip() for p in (include or "").split(",") if p.strip()}
+    unknown = sorted(wanted - set(TASK_INCLUDES))
+    if unknown:
+        raise ApiError(
+            422, f"include: unknown field {unknown[0][:40]!r}; accepted: {', '.join(TASK_INCLUDES)} (comma-separated)"
+        )
+    return task_public(get_own_task(s, task_id, tenant), include=wanted)
 
 
 @router.post(
@@ -378,10 +440,21 @@ def download_prompt(
     task_id: str,
     tenant: CurrentTenant = Depends(current_tenant),
     state: ServiceState = Depends(get_state),
+    version: int | None = Query(
+        None, ge=1, le=2**31 - 1, description="A kept version (GET /v1/tasks/{id}/versions); default: the served one."
+    ),
 ) -> Response:
-    """The served prompt as safetensors; its header metadata holds method, backbone, classes,
-    config and version."""
-    pv = repo.get_served_version(s, task_id, tenant_id=tenant.id)
+    """The served prompt (or version ``version``) as safetensors; its header metadata holds
+    method, backbone, classes, config and version. 404 for a version the task does not keep."""
+    if version is not None:
+        from api.routes.versions import no_such_version
+
+        get_own_task(s, task_id, tenant)
+        pv = repo.get_version(s, task_id, version, tenant_id=tenant.id)
+        if pv is None:
+            raise ApiError(404, no_such_version(s, task_id, version, tenant.id))
+    else:
+        pv = repo.get_served_version(s, task_id, tenant_id=tenant.id)
     if pv is None:
         task = get_own_task(s, task_id, tenant)
         raise ApiError(409, f"task {task_id} has no prompt yet (status {task.status})")

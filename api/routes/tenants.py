@@ -1,14 +1,14 @@
-"""Tenants (admin): create and list."""
+"""Tenants (admin): create and list (a page at a time: ``store.listing``)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 
 from api.deps import DbSession, require_admin
 from api.errors import ApiError
 from api.jsonroute import CheckedJSONRoute
 from api.schemas import ErrorOut, TenantCreate, TenantCreated, TenantList, TenantPublic
-from store import repo
+from store import listing, repo
 
 router = APIRouter(
     prefix="/v1/admin/tenants", tags=["tenants (admin)"], dependencies=[Depends(require_admin)],
@@ -31,7 +31,18 @@ def create_tenant(body: TenantCreate, s: DbSession) -> TenantCreated:
     return TenantCreated(id=tenant.id, name=tenant.name, api_key=key)
 
 
-@router.get("", response_model=TenantList)
-def list_tenants(s: DbSession) -> TenantList:
-    items = [TenantPublic.model_validate(t) for t in repo.list_tenants(s)]
-    return TenantList(items=items, count=len(items))
+@router.get("", response_model=TenantList, responses={422: {"model": ErrorOut}})
+def list_tenants(
+    s: DbSession,
+    limit: int | None = Query(None, description="Tenants per page, 1 to 1000 (default 100)."),
+    cursor: str | None = Query(None, description="The `next_cursor` of the previous page; omitted: the first page."),
+    name_prefix: str | None = Query(None, description="Only tenants whose name starts with this (case-sensitive)."),
+) -> TenantList:
+    """The tenants, oldest first, a page at a time (keyset: stable while tenants are added),
+    with their task and request counters. ``count``: all matching."""
+    try:
+        page = listing.tenant_page(s, limit=limit, cursor=cursor, name_prefix=name_prefix)
+    except listing.InvalidListing as exc:
+        raise ApiError(422, str(exc)) from None
+    items = [TenantPublic.model_validate(t) for t in page.items]
+    return TenantList(items=items, count=page.count, next_cursor=page.next_cursor)

@@ -6,6 +6,7 @@ with ``InvalidKey`` so no key can escape the store. Content-addressed layout:
 
 - ``prompts/{tenant_id}/{task_id}/{sha256}.safetensors``
 - ``datasets/{tenant_id}/{sha256}.zip``
+- ``evaluations/{tenant_id}/{task_id}/{evaluation_id}.zip`` (until its evaluation job ran)
 
 Backends live in their own modules and are named in ``BACKENDS`` (imported on first use):
 each declares its ``scheme``, its ``transient_errors`` (what a job may retry) and
@@ -29,6 +30,7 @@ from store.objects.base import (
     ObjectStoreError,
     ObjectStoreTimeout,
     dataset_key,
+    evaluation_key,
     prompt_key,
     sha256_hex,
     validate_key,
@@ -51,7 +53,7 @@ _EXAMPLES = {"file": "file://PATH", "s3": "s3://BUCKET?endpoint=http://HOST:PORT
 __all__ = [
     "BACKENDS", "MAX_KEY_LENGTH", "InvalidKey", "LocalObjectStore", "ObjectInfo", "ObjectNotFound", "ObjectStore",
     "ObjectStoreBackend", "ObjectStoreError", "ObjectStoreTimeout", "S3ObjectStore", "backend_for",
-    "dataset_key", "get_object_store", "known_schemes", "open_object_store", "prompt_key", "sha256_hex",
+    "dataset_key", "evaluation_key", "get_object_store", "known_schemes", "open_object_store", "prompt_key", "sha256_hex",
     "supported_urls", "transient_errors", "validate_key",
 ]
 

@@ -62,6 +62,11 @@ def dataset_key(tenant_id: str, sha256: str) -> str:
     return validate_key(f"datasets/{tenant_id}/{sha256}.zip")
 
 
+def evaluation_key(tenant_id: str, task_id: str, evaluation_id: str) -> str:
+    """The labelled zip of an evaluation, kept until its job ran (``store.evaluations``)."""
+    return validate_key(f"evaluations/{tenant_id}/{task_id}/{evaluation_id}.zip")
+
+
 @dataclasses.dataclass(frozen=True)
 class ObjectInfo:
     """One stored object as ``list``/``stat`` see it; ``last_modified`` is timezone-aware UTC and

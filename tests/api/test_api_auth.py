@@ -45,7 +45,7 @@ def test_foreign_task_is_answered_exactly_like_an_unknown_one(backend: str, sett
         assert unknown.json() == {"detail": f"task {UNKNOWN_ID} not found"}
         assert "alice" not in foreign.text
 
-    assert api.client.get("/v1/tasks", headers=bob).json() == {"items": [], "count": 0}
+    assert api.client.get("/v1/tasks", headers=bob).json() == {"items": [], "count": 0, "next_cursor": None}
     # Alice's task went through all of that untouched.
     t = api.task(alice, task["id"])
     assert t["status"] == "ready" and t["version"] == 1 and t["training"] is None

@@ -149,7 +149,7 @@ def test_progress_rises_while_running(settings_factory: Any, make_api: Any) -> N
     assert progress == sorted(progress)
     assert any(0.0 < p < 1.0 for p in progress), f"no intermediate progress observed: {progress}"
     assert any(t["status"] == "running" for t in seen)
-    final = seen[-1]
+    final = api.client.get(f"/v1/tasks/{task['id']}", params={"include": "history"}, headers=tenant).json()
     assert final["history"] and len(final["history"]) == 60
 
 

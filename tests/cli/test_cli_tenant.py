@@ -179,6 +179,41 @@ def test_a_tenants_session_create_wait_list_get_classify_download_retrain_delete
     assert _ok(["tasks", "list"], server, workdir) == []
 
 
+def test_versions_serve_evaluate_events_and_min_score(server: Server, workdir: Path) -> None:
+    r = run_cli(["tasks", "create", "living", "--method", "linear-probe", "--dataset", "colours",
+                 "--config", '{"l2_grid": [1.0]}', "--wait"], env=server.env(), cwd=workdir, timeout=180)  # fmt: skip
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    tid = _json(r.stdout)["id"]
+    r = run_cli(["tasks", "retrain", tid, "--config", '{"l2_grid": [0.001]}', "--wait"], env=server.env(),
+                cwd=workdir, timeout=180)  # fmt: skip
+    assert r.returncode == 0 and _json(r.stdout)["version"] == 2, r.stderr
+
+    versions = _ok(["tasks", "versions", "living"], server, workdir)
+    assert [v["version"] for v in versions["items"]] == [2, 1] and versions["served_version"] == 2
+    r = run_cli(["tasks", "versions", tid, "--table"], env=server.env(), cwd=workdir)
+    assert r.returncode == 0 and "val_accuracy" in r.stdout
+    assert _ok(["tasks", "serve", tid, "1"], server, workdir)["version"] == 1
+    assert _ok(["classify", tid, "colours/red/0.png"], server, workdir)["version"] == 1
+    out = _ok(["prompt", "download", tid, "--version", "2", "-o", "v2.safetensors"], server, workdir)
+    assert out["version"] == 2 and (workdir / "v2.safetensors").stat().st_size == out["bytes"]
+    assert "no version 7" in _err(run_cli(["tasks", "serve", tid, "7"], env=server.env(), cwd=workdir))
+
+    out = _ok(["classify", tid, "colours/red/0.png", "--min-score", "1"], server, workdir)
+    assert out["min_score"] == 1 and all(p["score"] >= 1 for p in out["predictions"][0])
+
+    ev = _ok(["tasks", "evaluate", tid, "--dataset", "colours", "--precision", "0.5", "--wait"], server, workdir)
+    assert ev["status"] == "ready" and ev["version"] == 1 and ev["result"]["n_images"] == 8, ev
+    assert [c["label"] for c in ev["result"]["per_class"]] == ["green", "red"]
+
+    r = run_cli(["tasks", "events", tid], env=server.env(), cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    kinds = [json.loads(line)["kind"] for line in r.stdout.splitlines()]
+    assert kinds[0] == "created" and kinds.count("published") == 2 and "served" in kinds and kinds[-1] == "evaluated"
+    r = run_cli(["tasks", "events", tid, "--follow"], env=server.env(), cwd=workdir, timeout=60)
+    assert r.returncode == 0 and [json.loads(line)["kind"] for line in r.stdout.splitlines()] == kinds
+    _ok(["tasks", "delete", tid], server, workdir)
+
+
 def test_cancel_then_wait_says_cancelled_and_how_to_start_again(server: Server, workdir: Path) -> None:
     task = _ok(["tasks", "create", "long", "-m", "coop", "-d", "colours", "-c", '{"epochs": 10000, "n_ctx": 2}'],
                server, workdir)  # fmt: skip

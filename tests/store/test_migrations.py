@@ -18,7 +18,7 @@ from sqlalchemy.pool import NullPool
 from store import migrate
 from store.db import Base, make_engine
 
-TABLES = {"task_events", "evaluations", "tenants", "api_keys", "datasets", "tasks", "prompt_versions", "idempotency_keys", "alembic_version"}
+TABLES = {"task_events", "evaluations", "samples", "predictions", "tenants", "api_keys", "datasets", "tasks", "prompt_versions", "idempotency_keys", "alembic_version"}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -225,9 +225,10 @@ def test_a_job_that_lost_its_lease_stops_without_publishing(settings_factory: An
 
     sm = get_sessionmaker(settings.database_url)
     first = row(sm, tid).lease_owner
-    with session_scope(sm) as s:  # the first execution's lease expired (it froze) ...
+    # The first execution's lease expired (it froze) and a re-delivery took the run over, in one
+    # transaction: the first job's heartbeat cannot renew the lease in between.
+    with session_scope(sm) as s:
         s.execute(update(Task).where(Task.id == tid).values(lease_expires_at=utcnow()))
-    with session_scope(sm) as s:  # ... and a re-delivery took the run over
         assert repo.claim_run(s, tid, 1, owner="second", lease_s=600) is not None
     wait_until(lambda: "lost its lease" in caplog.text, timeout=60, what="the first job to stop")
     assert api.state.dispatcher.wait_idle(60)

@@ -1,11 +1,16 @@
-// Promptstore admin: live progress without a page reload. Polls the JSON feed for the
-// rows (or the task) marked data-live, writes numbers with textContent only, and stops
-// when nothing is live. The task page reloads itself once its run finishes, so that the
-// chart, the confusion matrix and the error are drawn by the server.
+// Promptstore admin: live progress without a page reload. The list pages poll the JSON feed
+// for the rows marked data-live and stop when nothing is live. The task page listens to its
+// Server-Sent Events feed (/admin/tasks/{id}/events): "state" events move its progress and
+// status, every task event is appended to its events table, and the page reloads itself when
+// its run starts or finishes, or a version is published or served, or an evaluation is queued
+// or done, so that the server draws the charts, tables and actions again. Text is written
+// with textContent only.
 (function () {
   "use strict";
   var pollMs = parseInt(document.body.getAttribute("data-poll-ms"), 10) || 1000;
   var ACTIVE = { queued: true, running: true };
+  // The task page follows its Server-Sent Events feed; without EventSource it polls as the lists do.
+  var feedActive = false;
 
   function pct(v) { return Math.round(100 * v) + " %"; }
 
@@ -24,7 +29,7 @@
   }
 
   function pollTasks() {
-    var els = document.querySelectorAll("[data-task][data-live]");
+    var els = document.querySelectorAll(feedActive ? "[data-task][data-live]:not(#task)" : "[data-task][data-live]");
     if (!els.length) { return; }
     var byId = {};
     var ids = [];
@@ -80,7 +85,93 @@
       .finally(function () { setTimeout(pollOverview, 2 * pollMs); });
   }
 
+  // Task events after which the page reloads (the server redraws versions and evaluations).
+  var RELOAD_ON = { published: true, served: true, evaluation_queued: true, evaluated: true, min_score: true };
+  var MAX_EVENT_ROWS = 500;
+
+  function cell(text, cls) {
+    var td = document.createElement("td");
+    if (cls) { td.className = cls; }
+    td.textContent = text;
+    return td;
+  }
+
+  function appendEvent(e) {
+    var body = document.querySelector("#events tbody");
+    if (!body || body.querySelector("tr[data-event-id='" + e.id + "']")) { return; }
+    var scroller = body.closest(".events-scroll");
+    var atEnd = scroller && scroller.scrollTop + scroller.clientHeight >= scroller.scrollHeight - 4;
+    var tr = document.createElement("tr");
+    tr.setAttribute("data-event-id", String(e.id));
+    tr.className = "ev-" + String(e.kind).replace(/[^a-z_]/g, "");
+    tr.appendChild(cell(String(e.id), "num sub"));
+    tr.appendChild(cell(e.time, "time"));
+    var kind = document.createElement("code");
+    kind.textContent = e.kind;
+    var td = document.createElement("td");
+    td.appendChild(kind);
+    tr.appendChild(td);
+    tr.appendChild(cell(e.text));
+    body.appendChild(tr);
+    while (body.rows.length > MAX_EVENT_ROWS) { body.deleteRow(0); }
+    var empty = document.getElementById("events-empty");
+    if (empty) { empty.hidden = true; }
+    if (atEnd) { scroller.scrollTop = scroller.scrollHeight; }
+  }
+
+  function feedStatus(text, cls) {
+    var el = document.getElementById("feed-status");
+    if (el) { el.textContent = text; el.className = "feed " + cls; }
+  }
+
+  function taskFeed() {
+    var el = document.getElementById("task");
+    if (!el || !window.EventSource) { return; }
+    feedActive = true;
+    var id = el.getAttribute("data-task");
+    var wasLive = el.hasAttribute("data-live");
+    var reloading = false;
+    var src = new EventSource("/admin/tasks/" + encodeURIComponent(id) + "/events?after=" +
+      encodeURIComponent(el.getAttribute("data-events-after") || "0"));
+
+    function reload() {
+      if (reloading) { return; }
+      reloading = true;
+      src.close();
+      feedStatus("live updates: reloading…", "on");
+      window.location.reload();
+    }
+
+    src.onopen = function () { feedStatus("live updates: on", "on"); };
+    src.onerror = function () {
+      if (reloading) { return; }
+      feedStatus(src.readyState === EventSource.CLOSED ? "live updates: stopped (reload the page)" : "live updates: reconnecting…", "off");
+    };
+    src.addEventListener("state", function (m) {
+      var t = JSON.parse(m.data);
+      updateRow(el, t);
+      if (Boolean(t.live) !== wasLive) { reload(); }
+    });
+    src.addEventListener("deleted", function () {
+      src.close();
+      feedStatus("this task was deleted", "off");
+    });
+    (el.getAttribute("data-event-kinds") || "").split(",").forEach(function (kind) {
+      if (!kind) { return; }
+      src.addEventListener(kind, function (m) {
+        var e = JSON.parse(m.data);
+        appendEvent(e);
+        if (kind === "epoch") {
+          var ep = document.getElementById("latest-epoch");
+          if (ep) { ep.textContent = e.text; }
+        }
+        if (RELOAD_ON[kind]) { reload(); }
+      });
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
+    taskFeed();
     setTimeout(pollTasks, pollMs);
     setTimeout(pollOverview, 2 * pollMs);
   });
