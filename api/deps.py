@@ -133,12 +133,16 @@ def require_admin(
         raise ApiError(401, "invalid admin token", _AUTH_HEADERS)
 
 
-def form_fields(route: str, *allowed: str, required: bool = True) -> Callable[[Request], object]:
+def form_fields(
+    route: str, *allowed: str, required: bool = True, repeated: tuple[str, ...] = ()
+) -> Callable[[Request], object]:
     """A dependency that refuses what a multipart route would otherwise drop without a word:
     a body that is not a form (415, naming the fields), a field the route does not take (422,
-    e.g. ``method`` on a retrain, which cannot change it), and a text value where a file is
+    e.g. ``method`` on a retrain, which cannot change it), a field sent twice that is not one of
+    ``repeated`` (422: one of the values would be ignored), and a text value where a file is
     expected (``dataset``). ``required=False``: an empty body is fine (every field optional)."""
     names = ", ".join(allowed)
+    example = " ".join(f"-F {n}=@data.zip" if n == "dataset" else f"-F {n}=..." for n in allowed[:3])
 
     async def check(request: Request) -> None:
         from starlette.datastructures import UploadFile
@@ -149,12 +153,15 @@ def form_fields(route: str, *allowed: str, required: bool = True) -> Callable[[R
         if ctype not in ("multipart/form-data", "application/x-www-form-urlencoded"):
             raise ApiError(
                 415, f"{route} takes multipart/form-data (fields: {names}), not {ctype or 'an empty body'}; "
-                "e.g. curl -F name=... -F method=... -F dataset=@data.zip",
+                f"e.g. curl {example}",
             )
         form = await request.form()  # parsed once: the route's Form/File parameters read the same
         unknown = sorted({k for k in form.keys() if k not in allowed})
         if unknown:
             raise ApiError(422, f"{route} does not take the field(s) {', '.join(map(repr, unknown))}; it takes: {names}")
+        twice = sorted({k for k in form.keys() if k not in repeated and len(form.getlist(k)) > 1})
+        if twice:
+            raise ApiError(422, f"{route}: the field(s) {', '.join(map(repr, twice))} were sent more than once; send each once")
         value = form.get("dataset")
         if value is not None and not isinstance(value, UploadFile):
             raise ApiError(422, "dataset must be a file part (a zip of class folders), e.g. -F dataset=@data.zip")

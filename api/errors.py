@@ -83,8 +83,21 @@ def flatten_validation_errors(errors: list[dict[str, Any]]) -> str:
     for err in errors:
         msg = str(err.get("msg", "invalid value"))
         where = _loc(err.get("loc", ()))
+        if err.get("type") == "json_invalid":  # loc is ("body", <offset>): say what it is
+            ctx = err.get("ctx") or {}
+            why = ctx.get("error") if isinstance(ctx, dict) else None
+            out.append(f"request body is not valid JSON ({why or msg}, at character {_offset(err)}); send a JSON object")
+            continue
+        if err.get("type") == "model_attributes_type" and tuple(err.get("loc", ()))[:1] == ("body",):
+            out.append("request body must be a JSON object (Content-Type: application/json)")
+            continue
         out.append(f"{where}: {msg}" if where else msg)
     return "; ".join(out) or "invalid request"
+
+
+def _offset(err: dict[str, Any]) -> str:
+    loc = tuple(err.get("loc", ()))
+    return str(loc[1]) if len(loc) > 1 else "?"
 
 
 def _status_text(code: int) -> str:

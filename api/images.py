@@ -38,12 +38,16 @@ async def read_image_payloads(request: Request, max_images: int) -> list[bytes]:
                 raise ApiError(413, f"more than {max_images} images in one request, over the limit of {max_images}") from None
             raise
         try:
+            others = sorted({k for k in form.keys() if k != "images"})
+            named = ", ".join(repr(k[:40]) for k in others[:10])
             parts = form.getlist("images")
             if not parts:
                 raise ApiError(
                     422, "no images: send one or more multipart file parts named 'images', "
-                    'or JSON {"images": ["<base64>", ...]}'
+                    'or JSON {"images": ["<base64>", ...]}' + (f" (this request has {named})" if others else "")
                 )
+            if others:
+                raise ApiError(422, _UNKNOWN.format(named))
             _check_count(len(parts), max_images)
             payloads = []
             for i, part in enumerate(parts):
@@ -61,6 +65,9 @@ async def read_image_payloads(request: Request, max_images: int) -> list[bytes]:
             raise ApiError(422, 'request body is not valid JSON; send {"images": ["<base64>", ...]}') from None
         if not isinstance(body, dict) or not isinstance(body.get("images"), list):
             raise ApiError(422, 'JSON body must be an object {"images": ["<base64>", ...]}')
+        others = sorted(k for k in body if k != "images")
+        if others:
+            raise ApiError(422, _UNKNOWN.format(", ".join(repr(k[:40]) for k in others[:10])))
         items = body["images"]
         if not items:
             raise ApiError(422, "no images: 'images' is an empty list")
@@ -71,6 +78,14 @@ async def read_image_payloads(request: Request, max_images: int) -> list[bytes]:
         f"unsupported content type '{ctype}'; send multipart/form-data with 'images' file parts "
         'or application/json {"images": ["<base64>", ...]}',
     )
+
+
+#: A classify body carries images only: its options are query parameters, and an option sent in
+#: the body would be silently ignored (a threshold not applied is a wrong answer given with 200).
+_UNKNOWN = (
+    "classify takes only 'images' in its body, not {}; options go in the query string: "
+    "?top_k=K&min_score=S&keep=true"
+)
 
 
 def _check_count(n: int, max_images: int) -> None:

@@ -116,6 +116,9 @@ class TaskSummary(_Out):
     config: dict[str, Any] = Field(
         default_factory=dict, description="The served version's config (before the first version: the pending run's)."
     )
+    warnings: list[str] = Field(
+        default_factory=list, description="What the dataset upload ignored or dropped (as on the task)."
+    )
     status: str = Field(description="queued | running | ready | failed | cancelled")
     progress: float = Field(description="Fraction of the current run done, in [0, 1].")
     classes: list[str]
@@ -180,10 +183,10 @@ def confusion_of(value: Any) -> list[list[int]] | None:
     return None
 
 
-def task_summary(row: Any, served_config: dict[str, Any] | None = None) -> TaskSummary:
+def task_summary(row: Any, served_config: dict[str, Any] | None = None, warnings: Any = None) -> TaskSummary:
     """A list item from a task or a row of ``store.listing.TASK_ROW``; read safe as ``task_public``.
-    ``served_config``: the served version's config (``store.listing.served_configs``); without,
-    the row's own (the pending run's)."""
+    ``served_config``: the served version's config; without, the row's own (the pending run's).
+    ``warnings``: its dataset's (``store.listing.page_extras``)."""
     classes = _strings(row.classes)
     config = served_config if isinstance(served_config, dict) else getattr(row, "config", None)
     return TaskSummary(
@@ -191,6 +194,7 @@ def task_summary(row: Any, served_config: dict[str, Any] | None = None) -> TaskS
         name=row.name,
         method=row.method,
         config=config if isinstance(config, dict) else {},
+        warnings=_strings(warnings),
         status=row.status,
         progress=_fraction(row.progress),
         classes=classes,

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import dataclasses
 import datetime as dt
 import json
@@ -49,25 +51,40 @@ TENANTS = "tenants"
 #: The columns of a task list item: no history, confusion, training or config (``TASK_ROW``).
 TASK_ROW = (
     Task.id, Task.name, Task.method, Task.status, Task.progress, Task.classes, Task.metrics, Task.error,
-    Task.version, Task.created_at, Task.updated_at, Task.config,
+    Task.version, Task.created_at, Task.updated_at, Task.config, Task.dataset_id,
 )
 
 
-def served_configs(s: Session, rows: Sequence[Any]) -> dict[str, dict[str, Any]]:
-    """task id -> the served version's config, for the rows of a page that serve a version
-    recording one (one query by primary-key pairs); a task without is absent (its own config,
-    the pending run's, stands in)."""
-    from store.models import PromptVersion
+@dataclasses.dataclass(frozen=True)
+class PageExtras:
+    """What a page of ``TASK_ROW`` rows needs from other tables, read in two small queries."""
 
+    #: task id -> the served version's config (absent: the task's own, the pending run's).
+    configs: dict[str, dict[str, Any]]
+    #: dataset id -> what its upload dropped or ignored (the task's ``warnings``).
+    warnings: dict[str, list[Any]]
+
+
+def page_extras(s: Session, rows: Sequence[Any]) -> PageExtras:
+    """The served versions' configs (by primary-key pairs) and the datasets' warnings of the
+    rows of one page."""
+    from store.models import Dataset, PromptVersion
+
+    configs: dict[str, dict[str, Any]] = {}
     pairs = [(r.id, r.version) for r in rows if r.version is not None]
-    if not pairs:
-        return {}
-    found = s.execute(
-        select(PromptVersion.task_id, PromptVersion.config).where(
-            or_(*(and_(PromptVersion.task_id == t, PromptVersion.version == v) for t, v in pairs))
+    if pairs:
+        found = s.execute(
+            select(PromptVersion.task_id, PromptVersion.config).where(
+                or_(*(and_(PromptVersion.task_id == t, PromptVersion.version == v) for t, v in pairs))
+            )
         )
-    )
-    return {t: c for t, c in found if isinstance(c, dict)}
+        configs = {t: c for t, c in found if isinstance(c, dict)}
+    warnings: dict[str, list[Any]] = {}
+    dataset_ids = sorted({r.dataset_id for r in rows if r.dataset_id is not None})
+    if dataset_ids:
+        found = s.execute(select(Dataset.id, Dataset.warnings).where(Dataset.id.in_(dataset_ids)))
+        warnings = {d: w for d, w in found if isinstance(w, list)}
+    return PageExtras(configs=configs, warnings=warnings)
 
 
 class InvalidListing(ValueError):
@@ -138,11 +155,17 @@ def encode_cursor(kind: str, created_at: dt.datetime, item_id: str) -> str:
     """The opaque cursor after the item with sort key ``(created_at, item_id)`` of list ``kind``."""
     if created_at.tzinfo is None:
         created_at = created_at.replace(tzinfo=dt.timezone.utc)
-    raw = json.dumps(
-        {"v": CURSOR_VERSION, "l": kind, "t": created_at.astimezone(dt.timezone.utc).isoformat(), "i": item_id},
-        separators=(",", ":"),
-    )
+    body = {"v": CURSOR_VERSION, "l": kind, "t": created_at.astimezone(dt.timezone.utc).isoformat(), "i": item_id}
+    raw = json.dumps({**body, "c": _checksum(body)}, separators=(",", ":"))
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _checksum(body: dict[str, Any]) -> str:
+    """A check of the cursor's fields, so that an edited cursor is refused rather than read as
+    another position. Not a secret: every list is filtered by the caller's tenant, so a forged
+    cursor only moves within what the caller may read anyway."""
+    canonical = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+    return hashlib.blake2b(canonical, digest_size=8, person=b"ps-cursor").hexdigest()
 
 
 def decode_cursor(kind: str, cursor: str) -> tuple[dt.datetime, str]:
@@ -156,6 +179,9 @@ def decode_cursor(kind: str, cursor: str) -> tuple[dt.datetime, str]:
         raise InvalidListing(_BAD_CURSOR) from None
     if not isinstance(data, dict) or data.get("v") != CURSOR_VERSION or data.get("l") != kind:
         raise InvalidListing(_BAD_CURSOR)
+    body = {k: v for k, v in data.items() if k != "c"}
+    if set(data) != {"v", "l", "t", "i", "c"} or not hmac.compare_digest(str(data["c"]), _checksum(body)):
+        raise InvalidListing(_BAD_CURSOR)  # edited: not a position this list gave out
     stamp, item_id = data.get("t"), data.get("i")
     if not isinstance(stamp, str) or not isinstance(item_id, str) or not 1 <= len(item_id) <= 64:
         raise InvalidListing(_BAD_CURSOR)

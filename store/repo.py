@@ -706,6 +706,8 @@ def set_min_score(s: Session, task_id: str, min_score: float | None, *, tenant_i
     task = _read_task(s, task_id, tenant_id=tenant_id)
     if task is None:
         return None
+    if task.min_score == min_score:  # no change, no event
+        return task
     if not _cas(s, task.id, Task.tenant_id == tenant_id, values={"min_score": min_score}):
         return None
     add_event(s, task_id=task.id, tenant_id=tenant_id, kind="min_score", min_score=min_score)

@@ -31,6 +31,18 @@ class ServingRef:
     generation: int = -1
     #: The task's default classify threshold (``Task.min_score``); None: none.
     min_score: float | None = None
+    #: The task's own method (``method`` is the served prompt's: with ``auto`` they differ).
+    task_method: str = ""
+
+    @property
+    def takes_samples(self) -> bool:
+        """The task is tuned on images, so an image kept by classify may become its sample."""
+        from backbone.methods import get_method
+
+        try:
+            return get_method(self.task_method or self.method).needs_dataset
+        except Exception:  # a method this release does not know: it surely takes images
+            return True
 
     def __post_init__(self) -> None:
         if self.generation < 0:

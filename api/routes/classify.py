@@ -34,6 +34,10 @@ log = logging.getLogger("promptstore.api")
 
 router = APIRouter(prefix="/v1/tasks", tags=["classify"])
 
+#: Times a request re-reads the served prompt after the engine found a newer one (a publish, a
+#: serve); past that (the served version changing faster than a request is answered) 503.
+STALE_RETRIES = 5
+
 _BODY = {
     "requestBody": {
         "required": True,
@@ -97,7 +101,7 @@ def _ref_of(info: repo.ServingInfo | None, task_id: str) -> ServingRef:
         # by the engine; the first publish raises the generation, so none answers after it.
         return ServingRef(
             task_id=task_id, version=0, object_key="", fingerprint="", classes=tuple(info.classes),
-            method="zeroshot", generation=info.generation, min_score=info.min_score,
+            method="zeroshot", generation=info.generation, min_score=info.min_score, task_method=info.method,
         )
     if info.status != READY or info.version is None or info.object_key is None:
         why = f"; it failed: {info.error}" if info.status == "failed" and info.error else ""
@@ -111,6 +115,7 @@ def _ref_of(info: repo.ServingInfo | None, task_id: str) -> ServingRef:
         method=info.version_method or info.method,
         generation=info.generation,
         min_score=info.min_score,
+        task_method=info.method,
     )
 
 
@@ -152,6 +157,11 @@ async def classify(
     if state.requests is not None:
         state.requests.add(tenant.id)
     try:
+        if keep and not ref.takes_samples:
+            raise ApiError(
+                422, f"keep: task {task_id} is of method {ref.task_method}, which is not tuned on images and takes "
+                "no samples, so a kept image could never become one; classify without keep",
+            )
         payloads = await read_image_payloads(request, settings.max_classify_images)
     except ClientDisconnect:  # nobody to answer; not a fault of the service
         raise ApiError(400, "the client disconnected before sending the whole request") from None
@@ -159,12 +169,12 @@ async def classify(
     engine = state.inference
     outcome = "error"
     try:
-        for attempt in range(3):
+        for attempt in range(STALE_RETRIES):
             try:
                 predictions = await engine.classify(ref, images, top_k)
                 break
             except StaleVersion:
-                if attempt == 2:
+                if attempt == STALE_RETRIES - 1:
                     raise ApiError(503, "the task's prompt changed while answering; retry", {"Retry-After": "1"}) from None
                 # A newer version was published meanwhile: answer with it (or 404 if deleted).
                 ref = await run_in_threadpool(_serving_ref, state, task_id, tenant)

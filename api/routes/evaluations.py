@@ -220,7 +220,9 @@ def evaluate(
     s: DbSession,
     task_id: str,
     dataset: UploadFile = File(..., description="Zip of class folders (the task upload format) holding labelled images."),
-    version: int | None = Form(None, description="The version to evaluate; default: the one served."),
+    version: int | None = Form(
+        None, ge=1, le=2**31 - 1, description="The version to evaluate (1, 2, ...); default: the one served."
+    ),
     top_k: int | None = Form(None, ge=1, description="k of the top-k accuracy; default min(5, classes)."),
     precision: float | None = Form(
         None, gt=0.0, le=1.0, description="Target precision of the thresholds, in (0, 1]; default 0.9."

@@ -421,7 +421,7 @@ def feedback(
         if earlier.label != label:
             raise ApiError(409, f"prediction {pred.id} was already labelled '{earlier.label}' (sample {earlier.id}); "
                                 f"to label it again, DELETE /v1/tasks/{task_id}/samples/{earlier.id} first")
-        return _feedback_answer(earlier, pred.id, duplicate=False, queued=False, status=200)
+        return _feedback_answer(earlier, pred.id, duplicate=True, queued=False, status=200)  # no new sample
     trained_on_images(task)
     seed(state, task.id)
     check_labels(state, task, {label})

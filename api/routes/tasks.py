@@ -338,8 +338,11 @@ def list_tasks(
         )
     except listing.InvalidListing as exc:
         raise ApiError(422, str(exc)) from None
-    configs = listing.served_configs(s, page.items)
-    items = [task_summary(r, configs.get(r.id)) for r in page.items]
+    extras = listing.page_extras(s, page.items)
+    items = [
+        task_summary(r, extras.configs.get(r.id), extras.warnings.get(r.dataset_id) if r.dataset_id else None)
+        for r in page.items
+    ]
     return TaskList(items=items, count=page.count, next_cursor=page.next_cursor)
 
 

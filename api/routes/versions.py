@@ -74,9 +74,10 @@ class VersionList(BaseModel):
 
 
 class TaskPatch(BaseModel):
-    """``PATCH /v1/tasks/{id}``: the fields to change; absent ones are kept."""
+    """``PATCH /v1/tasks/{id}``: the fields to change; absent ones are kept. Strict JSON types:
+    ``true`` is no number and ``"0.6"`` no threshold (a 422 names the field)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str | None = Field(None, min_length=1, max_length=200, description="A new task name.")
     min_score: float | None = Field(
@@ -238,11 +239,18 @@ def patch_task(
             raise ApiError(404, f"task {task_id} not found")
     if "retrain_after_samples" in sent:
         from store.samples import set_retrain_after_samples
+        from backbone.methods import get_method
 
+        if body.retrain_after_samples is not None and not get_method(task.method).needs_dataset:
+            raise ApiError(422, f"retrain_after_samples: method {task.method} is not tuned on images and takes no samples")
         set_retrain_after_samples(s, task_id, body.retrain_after_samples, tenant_id=tenant.id)
     s.commit()
     if "retrain_after_samples" in sent and body.retrain_after_samples is not None:
         from api.routes.samples import auto_retrain
 
         auto_retrain(state, task_id, tenant.id)  # already that many samples added: the run starts now
-    return task_public(repo.get_task(s, task_id, tenant_id=tenant.id))
+    task = repo.get_task(s, task_id, tenant_id=tenant.id)
+    if task is None:  # deleted meanwhile
+        raise ApiError(404, f"task {task_id} not found")
+    s.refresh(task)  # as committed now (an automatic run may have started), not as this session last read it
+    return task_public(task)

@@ -315,8 +315,17 @@ def test_refusals(backend: str, settings_factory: Any, make_api: Any) -> None:
     refused(422, "precision", precision=1.5)
     refused(422, "precision", precision="nan")
     refused(422, "top_k", top_k=0)
+    for bad in (0, -1, 2**31, "99999999999999999999", "x"):
+        refused(422, "version", version=bad)
     r = api.client.post(f"/v1/tasks/{tid}/evaluate", headers=tenant)
     assert r.status_code in (415, 422), r.text
+    r = api.client.post(f"/v1/tasks/{tid}/evaluate", json={}, headers=tenant)
+    assert r.status_code == 415 and "-F dataset=@data.zip -F version=" in r.json()["detail"], r.text
+    assert "name=" not in r.json()["detail"]
+    # a field sent twice would have one of its values ignored: refused
+    r = api.client.post(f"/v1/tasks/{tid}/evaluate", data={"version": ["1", "2"]},
+                        files={"dataset": ("d.zip", good, "application/zip")}, headers=tenant)  # fmt: skip
+    assert r.status_code == 422 and "'version' were sent more than once" in r.json()["detail"], r.text
 
     # a task without a version yet: 409
     with session_scope(api.state.sessionmaker) as s:

@@ -77,7 +77,7 @@ def test_feedback_turns_a_kept_prediction_into_a_sample(ready: Any) -> None:
     assert [s["id"] for s in listed["items"]] == [sample["id"]] and listed["samples_since_run"] == 1
     # the same feedback again: the same sample (200); another label for it: 409
     r = _feedback(api, tenant, task_id, ids[0], "owl")
-    assert r.status_code == 200 and r.json()["id"] == sample["id"]
+    assert r.status_code == 200 and r.json()["id"] == sample["id"] and r.json()["duplicate"] is True
     r = _feedback(api, tenant, task_id, ids[0], "cat")
     assert r.status_code == 409 and sample["id"] in r.json()["detail"]
     # an image that is already a sample of the same class: counted once

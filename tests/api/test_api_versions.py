@@ -192,11 +192,58 @@ def test_min_score_per_request_and_as_the_task_default(backend: Any, settings_fa
     for body, word in (
         ({"min_score": 2}, "min_score"), ({"min_score": "high"}, "min_score"), ({"threshold": 0.5}, "threshold"),
         ({"name": ""}, "name"), ({"name": None}, "name"), ([1], "body"),
+        # JSON types are taken as sent: true is no number, "0.6" no threshold, "yes" no boolean
+        ({"min_score": True}, "min_score"), ({"min_score": "0.6"}, "min_score"),
+        ({"zero_shot_until_trained": "yes"}, "zero_shot_until_trained"),
+        ({"retrain_after_samples": True}, "retrain_after_samples"), ({"retrain_after_samples": "5"}, "retrain_after_samples"),
+        ({"retrain_after_samples": 0}, "retrain_after_samples"),
     ):
         r = api.client.patch(f"/v1/tasks/{task_id}", json=body, headers=tenant)
         assert r.status_code == 422, (body, r.text)
         assert word in r.json()["detail"], (body, r.text)
     r = api.client.patch(f"/v1/tasks/{task_id}", content=b'{"min_score": NaN}', headers={**tenant, "Content-Type": "application/json"})
     assert r.status_code == 422, r.text
+    # the answer is the task as committed: each PATCH shows its own change, not the previous one
+    for n in (50, 70, None):
+        r = api.client.patch(f"/v1/tasks/{task_id}", json={"retrain_after_samples": n}, headers=tenant)
+        assert r.status_code == 200 and r.json()["retrain_after_samples"] == n, r.text
+        assert api.task(tenant, task_id)["retrain_after_samples"] == n
+    # the same threshold again is no change: no second event
+    def threshold_events() -> int:
+        items = api.client.get(f"/v1/tasks/{task_id}/events", headers=tenant).json()["items"]
+        return sum(e["kind"] == "min_score" for e in items)
+
+    before = threshold_events()
+    api.client.patch(f"/v1/tasks/{task_id}", json={"min_score": 0.25}, headers=tenant)
+    api.client.patch(f"/v1/tasks/{task_id}", json={"min_score": 0.25}, headers=tenant)
+    assert threshold_events() == before + 1
     assert api.client.patch("/v1/tasks/nope", json={"min_score": 0.5}, headers=tenant).status_code == 404
     assert api.client.patch(f"/v1/tasks/{task_id}", json={"min_score": 0.5}, headers=api.tenant()).status_code == 404
+
+
+def test_classify_options_in_the_body_are_refused_not_ignored(settings_factory: Any, make_api: Any) -> None:
+    """top_k, min_score and keep are query parameters; sent in the body they would be ignored
+    (a threshold not applied is a wrong answer given with 200): 422 saying where they go."""
+    from psdata import b64
+
+    api = make_api(settings_factory())
+    tenant = api.tenant()
+    task = api.create_task(tenant, "linear-probe", dataset=dataset_zip(CLASSES, per_class=4), config=_config(1)).json()
+    api.wait_ready(tenant, task["id"])
+    url = f"/v1/tasks/{task['id']}/classify"
+    for extra in ({"min_score": 0.5}, {"top_k": 1}, {"keep": True}, {"foo": 1}):
+        r = api.client.post(url, json={"images": [b64(image_bytes(0))], **extra}, headers=tenant)
+        assert r.status_code == 422, (extra, r.text)
+        assert repr(next(iter(extra))) in r.json()["detail"] and "?top_k=K&min_score=S" in r.json()["detail"]
+    files = [("images", ("a.png", image_bytes(0), "image/png"))]
+    r = api.client.post(url, data={"min_score": "0.5"}, files=files, headers=tenant)
+    assert r.status_code == 422 and "'min_score'" in r.json()["detail"], r.text
+    assert api.client.post(url, files=files, headers=tenant).status_code == 200
+
+    # a zeroshot task takes no samples: keeping its images would store them for nothing
+    zs = api.create_task(tenant, "zeroshot", classes=list(CLASSES)).json()
+    api.wait_ready(tenant, zs["id"])
+    r = api.client.post(f"/v1/tasks/{zs['id']}/classify?keep=true", files=files, headers=tenant)
+    assert r.status_code == 422 and "keep" in r.json()["detail"], r.text
+    r = api.client.patch(f"/v1/tasks/{zs['id']}", json={"retrain_after_samples": 5}, headers=tenant)
+    assert r.status_code == 422 and "retrain_after_samples" in r.json()["detail"], r.text
