@@ -384,6 +384,60 @@ def bench_dashboard(
     )
 
 
+@bench_app.command("accuracy")
+def bench_accuracy(
+    backbone: list[str] = typer.Option(
+        ["open_clip:tiny:random"], "--backbone", help="Backbone spec (repeat the option for several)."
+    ),
+    shots: str = typer.Option("1,4,16", help="Training images per class, comma-separated (nested sets)."),
+    methods: list[str] = typer.Option(
+        None, "--methods",
+        help="Comma-separated prompt methods to tune alone and give auto as candidates (default: zeroshot, "
+        "linear-probe, coop, cocoop, vpt-shallow, padding); SPEC=LIST for one backbone (repeatable).",
+    ),
+    test_per_class: int = typer.Option(30, min=1, help="Held-out test images per class."),
+    max_epochs: list[str] = typer.Option(
+        None, "--max-epochs",
+        help="Cap on the gradient-trained methods' epochs (default: their papers' schedules); SPEC=N for one "
+        "backbone (repeatable).",
+    ),
+    budget: list[str] = typer.Option(
+        None, "--budget", help="auto's budget_s in seconds (default 120); SPEC=S for one backbone (repeatable)."
+    ),
+    unshared: list[str] = typer.Option(
+        None, "--unshared", help="Backbone spec on which auto also runs with share_features false (repeatable)."
+    ),
+    seed: int = typer.Option(0, help="Seed of the few-shot and test samples."),
+    data: str = typer.Option(
+        "/usr/share/datasets/fashion-mnist", help="Folder of the Fashion-MNIST idx files (Debian's dataset-fashion-mnist)."
+    ),
+    device: str = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
+    threads: int = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
+    out: str = typer.Option("bench-results/accuracy.json", help="JSON result path."),
+) -> None:
+    """Held-out accuracy on Fashion-MNIST of every method with its default config and of auto, by
+    shots per class, with tuning seconds and whether features are cached. Prints a table and
+    writes JSON."""
+    setup_logging("text", logging.WARNING)
+    from api.bench.accuracy import run_accuracy_bench
+    from backbone import ConfigError
+
+    try:
+        counts = [int(x) for x in shots.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--shots must be comma-separated integers, got {shots!r}")
+    if not counts or min(counts) < 1:
+        _fail("--shots needs at least one count, each >= 1")
+    try:
+        run_accuracy_bench(
+            out, backbones=list(backbone), shots=counts, methods=methods, test_per_class=test_per_class,
+            max_epochs=max_epochs, budget=budget, unshared=unshared, seed=seed, data=data, device=device,
+            threads=threads,
+        )
+    except (FileNotFoundError, ValueError, ConfigError) as exc:
+        _fail(str(exc), 1)
+
+
 # The tenant's side over HTTP (tasks, classify, prompt), `tenant list` and --version: api.cli_tenant.
 from api.cli_tenant import register as _register_http_commands  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The config reference of every registered method, as Markdown tables: what
+"""The config reference of every registered method (auto included), as Markdown tables: what
 ``promptstore methods`` prints and what docs/methods.md holds (a test keeps the two equal).
 
 Built from each config class's JSON schema (pydantic), so a new method, field, default or
@@ -81,9 +81,9 @@ def config_block(method: str) -> str:
 
 
 def all_blocks() -> str:
-    from backbone.methods import get_method, method_names
+    from backbone.methods import get_method, task_method_names
 
     out = []
-    for m in method_names():
+    for m in task_method_names():
         out.append(f"## `{m}` config\n\n{get_method(m).summary}.\n\n{config_block(m)}\n")
     return "\n".join(out)

@@ -1,4 +1,5 @@
-"""Tuning: a few-shot dataset in memory -> a trained prompt.
+"""Tuning: a few-shot dataset in memory -> a trained prompt, for one config (``fit`` builds and
+trains one module; ``backbone.search`` runs it for each candidate of method auto).
 
 Seeded and reproducible (split, init, batch order and dropout all come from
 ``config.seed``; the caller's global RNG state is restored afterwards). Image
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from .artifacts import TrainedPrompt
 from .errors import Cancelled, ConfigError, DivergedError
+from .evaluation import validation_metrics
 from .methods import MethodSpec, Trainer, get_method, parse_config
 from .methods.base import MethodConfig, PromptModule, TrainConfig, check_text_prompts
 from .towers import ImageFeatures
@@ -178,42 +180,95 @@ def tune(
     *,
     on_progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    features: torch.Tensor | None = None,
 ) -> TuneResult:
-    """Tune ``method`` on images (N, 3, S, S) preprocessed float32 and labels (N,) int64.
+    """Tune ``method`` on images (N, 3, S, S) preprocessed float32 and labels (N,) int64: one
+    training run of one config. ``features``: the images' embeddings (N, E) through the
+    untouched tower (``encode_cached``) when the caller has them already; methods whose image
+    path is untouched read them instead of encoding the images again, the others ignore them.
 
+    ``backbone.tune`` (``backbone.search.tune``) is the entry point: it runs this, or the search
+    for method auto and for a config with ``search: true``, which this refuses.
     Raises ConfigError (bad config, data, or method/backbone mismatch) or Cancelled.
     """
     spec = get_method(method)
     cfg = parse_config(method, config)
+    if spec.trainer is Trainer.SEARCH or getattr(cfg, "search", False):
+        raise ConfigError(f"method {spec.name} with this config is a search; run it through backbone.tune")
     _check_data(backbone, spec, classes, images, labels)
     if labels is not None:
         labels = labels.to(torch.long).cpu()
+    cache = check_features(backbone, images, features)
+    started = time.perf_counter()
+    module, run = fit(
+        backbone, spec, cfg, list(classes), images, labels, on_progress=on_progress, should_cancel=should_cancel,
+        cache=cache,
+    )
+    metrics = run_metrics(run, time.perf_counter() - started)
+    prompt = prompt_of(backbone, spec.name, module, metrics)
+    return TuneResult(prompt=prompt, metrics=metrics, history=run.history, confusion=run.confusion)
+
+
+def check_features(backbone: "Backbone", images: torch.Tensor | None, features: torch.Tensor | None) -> torch.Tensor | None:
+    """``features`` (N, E) for ``images`` (N, ...) as float32 on the backbone's device, or ConfigError."""
+    if features is None:
+        return None
+    if images is None or features.dim() != 2 or features.shape[0] != images.shape[0]:
+        n = None if images is None else images.shape[0]
+        raise ConfigError(f"features must be (N, E) for the N={n} images, got {tuple(features.shape)}")
+    return features.to(backbone.device, torch.float32)
+
+
+def fit(
+    backbone: "Backbone",
+    spec: MethodSpec,
+    cfg: MethodConfig,
+    classes: list[str],
+    images: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    *,
+    on_progress: Callable[[Progress], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    split: tuple[torch.Tensor, torch.Tensor] | None = None,
+    cache: torch.Tensor | None = None,
+) -> tuple[PromptModule, "_Run"]:
+    """Build ``spec``'s module for ``cfg`` (seeded by ``cfg.seed``; the caller's RNG state is kept)
+    and train it; data already checked, labels (N,) int64 on the CPU. ``split``: (train_idx,
+    val_idx) instead of the config's own split; ``cache``: the images' untouched-tower
+    embeddings (N, E) for a module that reads them. Returns the module (eval mode) and its run."""
     amp = backbone.device.type == "cuda"
     devices = [backbone.device] if amp else []
-    started = time.perf_counter()
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(cfg.seed)
         module = build_module(backbone, spec, classes, cfg)
-        run = _Run(backbone, spec, cfg, module, list(classes), images, labels, amp, on_progress, should_cancel)
+        run = _Run(
+            backbone, spec, cfg, module, list(classes), images, labels, amp, on_progress, should_cancel,
+            split=split, cache=cache,
+        )
         run.execute()
     module.eval()
-    metrics = {
+    return module, run
+
+
+def run_metrics(run: "_Run", seconds: float) -> dict[str, Any]:
+    """The metrics a prompt carries from its run (``train_seconds``: ``seconds``, rounded to ms)."""
+    return {
         "val_accuracy": run.val_accuracy,
         "train_accuracy": run.train_accuracy,
-        "train_seconds": round(time.perf_counter() - started, 3),
+        "train_seconds": round(seconds, 3),
         "n_train": int(len(run.train_idx)),
         "n_val": int(len(run.val_idx)),
         "epochs": run.epochs,
         **run.extra_metrics,
     }
-    prompt = prompt_of(backbone, spec.name, module, metrics)
-    return TuneResult(prompt=prompt, metrics=metrics, history=run.history, confusion=run.confusion)
 
 
 class _Run:
     """One tuning run; split from ``tune`` so each trainer reads as one method."""
 
-    def __init__(self, bb, spec, cfg, module, classes, images, labels, amp, on_progress, should_cancel):
+    def __init__(
+        self, bb, spec, cfg, module, classes, images, labels, amp, on_progress, should_cancel, *, split=None, cache=None
+    ):
         self.bb, self.spec, self.cfg, self.module, self.classes = bb, spec, cfg, module, classes
         self.images, self.labels, self.amp = images, labels, amp
         self.on_progress, self.should_cancel = on_progress, should_cancel
@@ -225,6 +280,8 @@ class _Run:
         self.confusion: list[list[int]] = []  # stays empty without a validation split
         if labels is None:
             self.train_idx = self.val_idx = torch.empty(0, dtype=torch.long)
+        elif split is not None:  # the caller's split (the search: one split or fold for every candidate)
+            self.train_idx, self.val_idx = split
         elif spec.trainer is Trainer.NONE:  # nothing to train: every image evaluates
             self.train_idx, self.val_idx = torch.empty(0, dtype=torch.long), torch.arange(len(labels))
         else:
@@ -235,7 +292,7 @@ class _Run:
         self.epochs = cfg.schedule_epochs(shots)
         self.cache = None
         if images is not None and module.cache_features:
-            self.cache = encode_cached(bb, images)  # (N, E) computed once
+            self.cache = cache if cache is not None else encode_cached(bb, images)  # (N, E) computed once
 
     def _cancel_check(self) -> None:
         if self.should_cancel is not None and self.should_cancel():
@@ -257,6 +314,8 @@ class _Run:
         _, self.train_accuracy = self._evaluate(self.train_idx)
         if len(self.val_idx):
             self.confusion = _confusion(pred, self.labels[self.val_idx], len(self.classes))
+            # macro F1 and per-class precision, recall, F1 and support (backbone.evaluation)
+            self.extra_metrics.update(validation_metrics(self.confusion, self.classes))
         self._report(self.epochs, self.history[-1]["loss"] if self.history else None, self.val_accuracy)
 
     def execute(self) -> None:

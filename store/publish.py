@@ -46,6 +46,7 @@ def publish_prompt(
     keep_versions: int = 0,
     method: str | None = None,
     samples: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
 ) -> PromptVersion | None:
     """Store ``data`` under ``prompts/{tenant}/{task}/{sha256}.safetensors`` and then publish it
     as the task's next version. Returns the new ``PromptVersion``, or None when the run is not
@@ -80,6 +81,7 @@ def publish_prompt(
                 keep_versions=keep_versions,
                 method=method,
                 samples=samples,
+                config=config,
             )
     except IntegrityError:  # a concurrent duplicate committed the same version first
         pv = None

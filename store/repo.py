@@ -904,6 +904,7 @@ def publish_version(
     keep_versions: int = 0,
     method: str | None = None,
     samples: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
 ) -> PromptVersion | None:
     """Publish the run's prompt whose object is already stored: switch the task to version
     ``next_version_number`` (status ready, progress 1, metrics, confusion, history, classes;
@@ -916,8 +917,9 @@ def publish_version(
     lease expired). A duplicate version row (unique(task_id, version)) rolls the session back
     and gives None too. ``keep_versions`` > 0: prune older versions beyond that many
     (``prune_versions``) in the same transaction. ``method``: the prompt's method when it is
-    not the task's (a task of method ``auto`` publishes a prompt of the method it chose).
-    ``samples``: the snapshot of samples the run trained on (``store.samples.Snapshot.record``:
+    not the task's (a task of method ``auto`` publishes a prompt of the method it chose);
+    ``config``: the config the prompt was trained with when not the run's (the one a search
+    chose; the task's own ``config`` stays the run's request). ``samples``: the snapshot of samples the run trained on (``store.samples.Snapshot.record``:
     ``samples_sha256``, ``n_samples``, ``sample_counts``), recorded on the version.
     """
     task = _current_running(s, task_id, attempt, owner)
@@ -954,7 +956,9 @@ def publish_version(
         sha256=sha256,
         size=size,
         fingerprint=fingerprint,
-        config=dict(task.config or {}),  # the run's own: no retrain can change it while it runs
+        # the prompt's config: the run's own (no retrain can change it while it runs), or the one a
+        # search chose (``config``)
+        config=dict(config) if config is not None else dict(task.config or {}),
         dataset_id=task.dataset_id,
         method=method or task.method,  # the prompt's own (``auto`` publishes the chosen method's)
         classes=list(classes),

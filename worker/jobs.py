@@ -331,6 +331,9 @@ def _tune_and_publish(
         owner=lease.owner,
         keep_versions=settings.max_versions_per_task,
         method=result.prompt.method,
+        # a search (auto, config.search) publishes a prompt of the config it chose: the version
+        # records that one; the run's own request stays the task's config
+        config=dict(result.prompt.config) if result.prompt.method != run.method or run.config.get("search") else None,
         samples=snapshot.record() if snapshot is not None else None,
     )
     if pv is None:

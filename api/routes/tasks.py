@@ -23,7 +23,7 @@ from api.services import cancel_run, delete_task_and_objects, enqueue, request_r
 from store import idempotency, repo, textinput
 from store.models import ACTIVE_STATUSES
 from store.objects import sha256_hex
-from backbone.methods import method_names
+from backbone.methods import task_method_names
 
 log = logging.getLogger("promptstore.api")
 
@@ -253,7 +253,7 @@ def get_own_task(s: Session, task_id: str, tenant: CurrentTenant) -> Any:
 def create_task(
     s: DbSession,
     name: str = Form(..., min_length=1, max_length=200, description="Task name."),
-    method: str = Form(..., description="One of the registered methods: " + ", ".join(method_names()) + "."),
+    method: str = Form(..., description="One of the registered methods: " + ", ".join(task_method_names()) + "."),
     dataset: UploadFile | None = File(None, description="Zip of class folders (required but for zeroshot)."),
     classes: str | None = Form(None, description='JSON list of class names (zeroshot only), e.g. ["cat", "dog"].'),
     config: str | None = Form(None, description="JSON object of method hyperparameters."),
@@ -321,7 +321,7 @@ def list_tasks(
     status: str | None = Query(
         None, description="Only tasks in this status (queued, running, ready, failed, cancelled; several: comma-separated)."
     ),
-    method: str | None = Query(None, description="Only tasks of this method: " + ", ".join(method_names()) + "."),
+    method: str | None = Query(None, description="Only tasks of this method: " + ", ".join(task_method_names()) + "."),
     name_prefix: str | None = Query(None, description="Only tasks whose name starts with this (case-sensitive)."),
 ) -> TaskList:
     """The tenant's tasks, newest first, a page at a time (keyset: stable while tasks are
@@ -329,8 +329,8 @@ def list_tasks(
     from api.schemas import task_summary
     from store import listing
 
-    if method is not None and method.strip() and method.strip() not in method_names():
-        raise ApiError(422, f"method: {method[:40]!r} is not a method; accepted: {', '.join(method_names())}")
+    if method is not None and method.strip() and method.strip() not in task_method_names():
+        raise ApiError(422, f"method: {method[:40]!r} is not a method; accepted: {', '.join(task_method_names())}")
     try:
         page = listing.task_page(
             s, tenant_id=tenant.id, limit=limit, cursor=cursor, status=status,

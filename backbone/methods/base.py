@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +79,16 @@ class MethodConfig(BaseModel):
         return 0
 
 
+def search_field() -> Any:
+    """The ``search`` flag of the trained methods' configs (``backbone.search``)."""
+    return Field(
+        False,
+        description="true: tune this method over the hyperparameters its paper sweeps on validation (starting "
+        "from this config) and publish the best on the validation split: the search of method auto, restricted "
+        "to this method. false: train this config once.",
+    )
+
+
 class TrainConfig(MethodConfig):
     """Fields of the gradient-trained methods (SGD/AdamW, warm-up then cosine)."""
 
@@ -102,6 +112,7 @@ class TrainConfig(MethodConfig):
     warmup_lr: float = Field(
         1e-5, gt=0.0, le=1e4, description="Learning rate of a constant warm-up (0 < warmup_lr <= 1e4, like lr)."
     )
+    search: bool = search_field()
 
     default_warmup_epochs: ClassVar[int] = 1
 
@@ -172,6 +183,14 @@ class PromptModule(nn.Module):
         module tokenizes it; None when it builds none (no text head). ``tokens`` is None on a
         backbone without a text tower. Checked by ``check_text_prompts`` before any module is built."""
         return None
+
+    @classmethod
+    def check_texts(
+        cls, method: str, classes: list[str], config: MethodConfig, tokens: "TextTokens | None"
+    ) -> None:
+        """ConfigError when this method's text prompts for ``classes`` would not fit the text encoder
+        or two classes would read alike (``check_text_prompts``); what ``check_class_texts`` runs."""
+        check_text_prompts(method, cls, classes, config, tokens)
 
     # -- compatibility with a backbone (called before building)
 

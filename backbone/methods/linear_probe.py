@@ -16,7 +16,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..towers import ImageFeatures
-from .base import MethodConfig, PromptModule
+from .base import MethodConfig, PromptModule, search_field
 from .registry import MethodSpec, Trainer, register
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ class LinearProbeConfig(MethodConfig):
         1e-3, ge=0.0, le=MAX_L2, description="L2 strength used when there is no validation split (0 .. 1e6)."
     )
     max_iter: int = Field(300, ge=1, le=10_000, description="L-BFGS iterations per fit.")
+    search: bool = search_field()
 
     @field_validator("l2_grid")
     @classmethod

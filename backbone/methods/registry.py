@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from ..errors import ConfigError
-from .base import MethodConfig, PromptModule, check_text_prompts
+from .base import MethodConfig, PromptModule
 
 if TYPE_CHECKING:
     from ..loading import TextTokens
@@ -30,12 +30,16 @@ class Trainer(str, Enum):
     NONE = "none"  # nothing to learn (zeroshot)
     SGD = "sgd"  # gradient steps: SGD/AdamW, warm-up then cosine
     LBFGS = "lbfgs"  # the linear-probe L2 sweep on cached features
+    SEARCH = "search"  # no module of its own: ``backbone.search`` tunes candidates and publishes the best (auto)
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     """Everything the service knows about a method; the rest lives on its config and module
-    classes (``PromptModule``: image pass, pixel/token prompts, head, batched heads)."""
+    classes (``PromptModule``: image pass, pixel/token prompts, head, batched heads).
+
+    A method whose trainer is ``Trainer.SEARCH`` (auto) is a task method only: it tunes other
+    methods and publishes one of their prompts, so no prompt ever carries its name."""
 
     name: str
     config_cls: type[MethodConfig]
@@ -62,15 +66,21 @@ def register(spec: MethodSpec) -> MethodSpec:
 
 
 def method_names() -> list[str]:
-    """Registered method names, in registry order."""
-    return list(_REGISTRY)
+    """The prompt methods (what a published prompt can be), in registry order: every registered
+    method but the searches (``task_method_names`` adds those)."""
+    return [name for name, spec in _REGISTRY.items() if spec.trainer is not Trainer.SEARCH]
+
+
+def task_method_names() -> list[str]:
+    """Every method a task can be created with: the prompt methods, then the searches (auto)."""
+    return method_names() + [name for name, spec in _REGISTRY.items() if spec.trainer is Trainer.SEARCH]
 
 
 def get_method(name: str) -> MethodSpec:
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(_REGISTRY)}") from None
+        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(task_method_names())}") from None
 
 
 @dataclass(frozen=True)
@@ -189,10 +199,11 @@ def check_class_texts(
     method: str, classes: list[str], config: dict[str, Any] | MethodConfig | None, tokens: "TextTokens | None"
 ) -> None:
     """ConfigError when a class's text prompt for ``method`` and ``config`` would not fit the text
-    encoder's context, or two classes' prompts make the same tokens (``check_text_prompts``).
+    encoder's context, or two classes' prompts make the same tokens (``check_text_prompts``;
+    auto checks each candidate it was given by name, ``AutoModule.check_texts``).
     Needs only the tokenizer (``Backbone.text_tokens`` or ``loading.text_tokens_for_spec``)."""
     spec = get_method(method)
-    check_text_prompts(spec.name, spec.module_cls, list(classes), parse_config(method, config), tokens)
+    spec.module_cls.check_texts(spec.name, list(classes), parse_config(method, config), tokens)
 
 
 def describe_config(method: str) -> dict[str, dict[str, Any]]:
