@@ -235,9 +235,18 @@ def _auto_events(api: Api, task_id: str) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=IDS)
-def test_auto_retrain_once(backend: Any, settings_factory: Any, make_api: Any, redis_url: str) -> None:
+def test_auto_retrain_once(
+    backend: Any, settings_factory: Any, make_api: Any, redis_url: str, request: pytest.FixtureRequest
+) -> None:
     """With a broker and no worker, runs stay queued until this test runs their job (the body
     a Celery worker runs): the order of adds and runs is the test's own."""
+    import redis
+
+    from worker.celery_app import QUEUE
+
+    # the messages this test sends stay on the session's broker: gone with it, so that no later
+    # test counts them and no later worker picks them up
+    request.addfinalizer(lambda: redis.Redis.from_url(redis_url).delete(QUEUE))
     db, objects = backend
     settings = settings_factory(db=db, objects=objects, broker_url=redis_url)
     api = make_api(settings)
