@@ -60,14 +60,15 @@ def test_zero_shot_before_the_first_version_then_version_1_and_never_0_again(
         assert [p["score"] for p in got] == pytest.approx([p["score"] for p in want], abs=1e-6)
 
     # classify without pause while the run finishes: version 0 until the publish, then version 1
-    answers: list[tuple[int, float]] = []
+    answers: list[tuple[int, float]] = []  # (version, when the request was sent)
     stop = threading.Event()
 
     def hammer() -> None:
         while not stop.is_set():
+            sent = time.monotonic()
             r = _classify(api, tenant, task["id"])
             assert r.status_code == 200, r.text
-            answers.append((r.json()["version"], time.monotonic()))
+            answers.append((r.json()["version"], sent))
 
     thread = threading.Thread(target=hammer)
     thread.start()
@@ -80,7 +81,7 @@ def test_zero_shot_before_the_first_version_then_version_1_and_never_0_again(
         thread.join(30)
     versions = [v for v, _ in answers]
     assert set(versions) <= {0, 1} and versions == sorted(versions), versions  # never 0 after a 1
-    assert all(v == 1 for v, at in answers if at > ready_at)
+    assert all(v == 1 for v, sent in answers if sent > ready_at)  # a request sent after the publish: version 1
     after = _classify(api, tenant, task["id"]).json()
     assert after["version"] == 1 and after["zero_shot"] is False
 
