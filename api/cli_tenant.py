@@ -115,6 +115,8 @@ def _client(url: str, *, api_key: str | None = None, admin_token: str | None = N
               "serve`, or point --url / PROMPTSTORE_URL at it")  # fmt: skip
     except PromptstoreError as exc:
         hint = _hint(exc.status, exc.retry_after, admin=admin)
+        if exc.status == 404 and "versions kept" in exc.detail:  # the task exists; its version does not
+            hint = "`promptstore tasks versions TASK` lists the kept versions"
         detail = exc.detail.rstrip(".")
         _fail(f"{detail} (HTTP {exc.status})" + (f"; {hint}" if hint else ""))
     except KeyboardInterrupt:
@@ -542,18 +544,21 @@ def classify(
 @prompt_app.command("download")
 def prompt_download(
     task: TaskRef,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File or folder (default: TASK-vN.safetensors here).", show_default=False)] = None,
+    raw_output: Annotated[Optional[str], typer.Option("--output", "-o", help="File or folder (default: TASK-vN.safetensors here).", show_default=False)] = None,
     version: Annotated[Optional[int], typer.Option("--version", min=1, help="A kept version (default: the served one).", show_default=False)] = None,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
     """Download a task's served prompt (or a kept version) as safetensors."""
+    output = Path(raw_output) if raw_output is not None else None
     with _client(url, api_key=api_key) as client:
         tid = _resolve(client, task)
         prompt = client.download_prompt(tid, version=version)
     default = prompt.filename or f"{tid}-v{prompt.version}.safetensors"
     default = Path(default).name  # never a path from the server
     path = output if output is not None else Path(default)
+    if raw_output is not None and raw_output.endswith(("/", "\\")) and not path.is_dir():  # meant a folder
+        _fail(f"the folder {output} does not exist; create it or give a file name with -o", 2)
     if path.is_dir():
         path = path / default
     try:

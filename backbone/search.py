@@ -238,6 +238,21 @@ class _SearchProgress:
         return hook
 
 
+def _why_no_validation(labels: torch.Tensor | None, n_classes: int, val_fraction: float) -> str:
+    """Why the split held out no image, in the terms a user can change (``split_indices``: a
+    class gives round(n * val_fraction) images, keeping one for training)."""
+    if labels is None:
+        return "no labelled image"
+    if val_fraction <= 0:
+        return "no validation image (val_fraction is 0)"
+    counts = torch.bincount(labels, minlength=n_classes).tolist()
+    most = max(counts) if counts else 0
+    if most < 2:
+        return "no validation image (every class has 1 image: none can be held out)"
+    return (f"no validation image (val_fraction {val_fraction:g} of at most {most} images per class rounds to 0; "
+            "add images, raise val_fraction, or set k_folds)")
+
+
 def search(
     backbone: "Backbone",
     auto: AutoConfig,
@@ -408,8 +423,8 @@ def search(
         assert best.prompt is not None
         prompt = best.prompt
     if no_validation:
-        selected_on = ("nothing: no validation image (a class needs 2 or more images for one to be held out); "
-                       "the first listed candidate was trained as configured, on every image")
+        selected_on = f"nothing: {_why_no_validation(labels, len(classes), auto.val_fraction)}; the first listed " \
+                      "candidate was trained as configured, on every image"
     elif len(folds) > 1 or (auto.k_folds or 0) >= 2:
         selected_on = f"{auto.metric} over {len(folds)} folds, each image scored once out of fold"
     else:

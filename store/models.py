@@ -202,10 +202,14 @@ class Task(Base):
 
     @property
     def served_config(self) -> dict[str, Any]:
-        """The config of the version being served; while no version is, or for a version
-        published before versions recorded it, the config of the latest requested run."""
+        """The config of the version being served; while no version is, for a version published
+        before versions recorded it, or for a version of another method than the task's (a task
+        of method ``auto``: its config is the search's; the chosen candidate's is the version's
+        and in ``metrics.search``), the config of the latest requested run."""
         pv = self.served_version if self.version is not None else None
-        return dict(pv.config) if pv is not None and isinstance(pv.config, dict) else dict(self.config or {})
+        if pv is None or not isinstance(pv.config, dict) or (pv.method is not None and pv.method != self.method):
+            return dict(self.config or {})
+        return dict(pv.config)
 
     @property
     def served_dataset_id(self) -> str | None:

@@ -221,7 +221,7 @@ def evaluate(
     task_id: str,
     dataset: UploadFile = File(..., description="Zip of class folders (the task upload format) holding labelled images."),
     version: int | None = Form(
-        None, ge=1, le=2**31 - 1, description="The version to evaluate (1, 2, ...); default: the one served."
+        None, ge=0, le=2**31 - 1, description="The version to evaluate (1, 2, ...); default: the one served."
     ),
     top_k: int | None = Form(None, ge=1, description="k of the top-k accuracy; default min(5, classes)."),
     precision: float | None = Form(

@@ -444,7 +444,7 @@ def download_prompt(
     tenant: CurrentTenant = Depends(current_tenant),
     state: ServiceState = Depends(get_state),
     version: int | None = Query(
-        None, ge=1, le=2**31 - 1, description="A kept version (GET /v1/tasks/{id}/versions); default: the served one."
+        None, ge=0, le=2**31 - 1, description="A kept version (GET /v1/tasks/{id}/versions); default: the served one."
     ),
 ) -> Response:
     """The served prompt (or version ``version``) as safetensors; its header metadata holds

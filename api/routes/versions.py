@@ -144,7 +144,7 @@ def _own_task(s: DbSession, task_id: str, tenant: CurrentTenant) -> Any:
     return task
 
 
-_VERSION = Path(..., ge=1, le=2**31 - 1, description="A version number (1, 2, ...).")
+_VERSION = Path(..., ge=0, le=2**31 - 1, description="A version number (1, 2, ...).")
 
 
 @router.get("/{task_id}/versions", response_model=VersionList, responses=_ERRORS)

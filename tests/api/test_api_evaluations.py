@@ -315,7 +315,8 @@ def test_refusals(backend: str, settings_factory: Any, make_api: Any) -> None:
     refused(422, "precision", precision=1.5)
     refused(422, "precision", precision="nan")
     refused(422, "top_k", top_k=0)
-    for bad in (0, -1, 2**31, "99999999999999999999", "x"):
+    refused(404, "no version 0", "versions kept: 1", version=0)
+    for bad in (-1, 2**31, "99999999999999999999", "x"):
         refused(422, "version", version=bad)
     r = api.client.post(f"/v1/tasks/{tid}/evaluate", headers=tenant)
     assert r.status_code in (415, 422), r.text

@@ -110,7 +110,11 @@ def test_unknown_version_and_foreign_backbone(three_versions: Any) -> None:
         r = method(f"/v1/tasks/{task_id}/{path}", headers=tenant)
         assert r.status_code == 404, (path, r.text)
         assert "no version 9" in r.json()["detail"] and "1, 2, 3" in r.json()["detail"]
-    for bad in ("0", "-1", "x", "99999999999"):
+    for path in ("versions/0/serve", "versions/0", "prompt?version=0"):  # version 0 is no kept version: 404
+        method = api.client.post if path.endswith("serve") else api.client.get
+        r = method(f"/v1/tasks/{task_id}/{path}", headers=tenant)
+        assert r.status_code == 404 and "versions kept: 1, 2, 3" in r.json()["detail"], (path, r.text)
+    for bad in ("-1", "x", "99999999999"):
         assert api.client.post(f"/v1/tasks/{task_id}/versions/{bad}/serve", headers=tenant).status_code == 422
     other = api.tenant()
     assert api.client.get(f"/v1/tasks/{task_id}/versions", headers=other).status_code == 404
