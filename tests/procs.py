@@ -118,3 +118,28 @@ def started(args: list[str], *, env: dict[str, str], cwd: Path, name: str = "pro
         yield Process(proc, out, err)
     finally:
         stop_process_group(proc)
+
+
+def production_settings(pg_url: str, redis_url: str, s3_server: Any, name: str, **overrides: Any) -> Any:
+    """Migrated settings on the parts production runs: the session's Postgres, a fresh bucket
+    ``pstest-{name}-<random>`` on the S3 server, Redis as the broker, the tiny backbone on the
+    CPU and the tests' admin token; ``overrides`` win. For tests that start real workers."""
+    import uuid
+
+    from apiclient import TEST_ADMIN_TOKEN
+    from store.migrate import upgrade
+    from store.settings import Settings
+
+    values: dict[str, Any] = dict(
+        database_url=pg_url,
+        object_store_url=s3_server.url_for(f"pstest-{name}-{uuid.uuid4().hex[:12]}"),
+        s3_access_key=s3_server.access_key,
+        s3_secret_key=s3_server.secret_key,
+        broker_url=redis_url,
+        backbone="open_clip:tiny:random",
+        device="cpu",
+        admin_token=TEST_ADMIN_TOKEN,
+    )
+    settings = Settings(**{**values, **overrides})
+    upgrade(settings.database_url)
+    return settings

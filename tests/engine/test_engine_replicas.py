@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -48,7 +50,10 @@ def _until(cond: Any, what: str, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def test_retrain_and_delete_reach_every_replica(settings_factory: Any, redis_url: str, tmp_path: Any) -> None:
+@contextmanager
+def two_replicas(settings_factory: Any, redis_url: str, tmp_path: Any) -> Iterator[tuple[httpx.Client, httpx.Client]]:
+    """Two `promptstore serve` processes on one Postgres, S3 bucket and Redis, both ready with
+    their invalidation bus subscribed; a client for each."""
     settings = settings_factory(db="postgres", objects="s3", redis_url=redis_url)
     env = settings_env(settings)
     pa, pb = free_port(), free_port()
@@ -59,6 +64,11 @@ def test_retrain_and_delete_reach_every_replica(settings_factory: Any, redis_url
     ) as b:
         _wait_ready(a, proc_a)
         _wait_ready(b, proc_b)
+        yield a, b
+
+
+def test_retrain_and_delete_reach_every_replica(settings_factory: Any, redis_url: str, tmp_path: Any) -> None:
+    with two_replicas(settings_factory, redis_url, tmp_path) as (a, b):
         r = a.post("/v1/admin/tenants", json={"name": f"replicas-{time.monotonic_ns()}"}, headers=ADMIN)
         assert r.status_code == 201, r.text
         tenant = {"Authorization": f"Bearer {r.json()['api_key']}"}

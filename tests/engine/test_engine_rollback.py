@@ -7,15 +7,13 @@ from __future__ import annotations
 import json
 import threading
 import time
-from concurrent.futures import Future
 from typing import Any
 
 import httpx
 import pytest
 from apiclient import ADMIN
-from procs import free_port, settings_env, started
 from psdata import dataset_zip, image_bytes
-from test_engine_replicas import _metric, _until, _wait_ready
+from test_engine_replicas import _metric, _until, two_replicas
 
 from api.engine import ServingRef, StaleVersion
 from api.engine.cache import PromptCache
@@ -63,16 +61,7 @@ def test_cache_orders_by_generation_so_a_rollback_wins_over_a_higher_version() -
 def test_rollback_reaches_both_replicas_and_the_old_version_never_answers_again(
     settings_factory: Any, redis_url: str, tmp_path: Any
 ) -> None:
-    settings = settings_factory(db="postgres", objects="s3", redis_url=redis_url)
-    env = settings_env(settings)
-    pa, pb = free_port(), free_port()
-    with started(["serve", "--port", str(pa)], env=env, cwd=tmp_path, name="a") as proc_a, started(
-        ["serve", "--port", str(pb)], env=env, cwd=tmp_path, name="b"
-    ) as proc_b, httpx.Client(base_url=f"http://127.0.0.1:{pa}", timeout=60) as a, httpx.Client(
-        base_url=f"http://127.0.0.1:{pb}", timeout=60
-    ) as b:
-        _wait_ready(a, proc_a)
-        _wait_ready(b, proc_b)
+    with two_replicas(settings_factory, redis_url, tmp_path) as (a, b):
         r = a.post("/v1/admin/tenants", json={"name": f"rollback-{time.monotonic_ns()}"}, headers=ADMIN)
         tenant = {"Authorization": f"Bearer {r.json()['api_key']}"}
         files = {"dataset": ("d.zip", dataset_zip(("cat", "dog", "owl"), per_class=4), "application/zip")}

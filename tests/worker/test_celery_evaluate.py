@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from apiclient import TEST_ADMIN_TOKEN, Api, _one_torch_thread, running_app  # noqa: F401 - fixture
-from procs import Process, settings_env, started
+from apiclient import Api, _one_torch_thread, running_app  # noqa: F401 - fixture
+from procs import Process, production_settings, settings_env, started
 from psdata import dataset_zip
 from sqlalchemy import update
 
@@ -31,20 +31,7 @@ CLASSES = ("bird", "cat", "dog")
 def stack(pg_url: str, redis_url: str, s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Process]]:
     """Settings on Postgres + a fresh S3 bucket + the Redis broker, and a `promptstore worker`
     subprocess started with the same settings as environment variables."""
-    from store.migrate import upgrade
-    from store.settings import Settings
-
-    settings = Settings(
-        database_url=pg_url,
-        object_store_url=s3_server.url_for(f"pstest-eval-{uuid.uuid4().hex[:12]}"),
-        s3_access_key=s3_server.access_key,
-        s3_secret_key=s3_server.secret_key,
-        broker_url=redis_url,
-        backbone="open_clip:tiny:random",
-        device="cpu",
-        admin_token=TEST_ADMIN_TOKEN,
-    )
-    upgrade(settings.database_url)
+    settings = production_settings(pg_url, redis_url, s3_server, "eval")
     cwd = tmp_path_factory.mktemp("eval-worker")
     # its reconciler stays out of the way of the reconciler tests below (same Postgres database)
     env = settings_env(settings, PROMPTSTORE_RECONCILE_INTERVAL_S="3600")

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from apiclient import TEST_ADMIN_TOKEN, Api, _one_torch_thread, running_app  # noqa: F401 - fixture
-from procs import settings_env, started
+from apiclient import Api, _one_torch_thread, running_app  # noqa: F401 - fixture
+from procs import production_settings, settings_env, started
 from psdata import dataset_zip
 
 CLASSES = ("bird", "cat", "dog")
@@ -28,24 +28,9 @@ FAST = {
 
 @pytest.fixture(scope="module")
 def settings(pg_url: str, redis_url: str, s3_server: Any) -> Any:
-    from store.migrate import upgrade
-    from store.settings import Settings
-
-    s = Settings(
-        database_url=pg_url,
-        object_store_url=s3_server.url_for(f"pstest-reconcile-{uuid.uuid4().hex[:12]}"),
-        s3_access_key=s3_server.access_key,
-        s3_secret_key=s3_server.secret_key,
-        broker_url=redis_url,
-        backbone="open_clip:tiny:random",
-        device="cpu",
-        admin_token=TEST_ADMIN_TOKEN,
-        run_lease_s=2,
-        reconcile_interval_s=0.5,
-        requeue_queued_after_s=2,
+    return production_settings(
+        pg_url, redis_url, s3_server, "reconcile", run_lease_s=2, reconcile_interval_s=0.5, requeue_queued_after_s=2
     )
-    upgrade(s.database_url)
-    return s
 
 
 @pytest.fixture(scope="module")
