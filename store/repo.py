@@ -613,6 +613,12 @@ def next_version_number(s: Session, task_id: str) -> int:
     return int(s.scalar(select(func.max(PromptVersion.version)).where(PromptVersion.task_id == task_id)) or 0) + 1
 
 
+def no_such_version(task_id: str, version: int, kept: Sequence[int]) -> str:
+    """The message for a version the task does not have, naming the ones it keeps (API: 404)."""
+    have = ", ".join(map(str, kept)) if kept else "none yet"
+    return f"task {task_id} has no version {version} (versions kept: {have})"
+
+
 class VersionNotFound(StoreError):
     """The task has no such version (never published, or pruned) (API: 404)."""
 
@@ -641,11 +647,8 @@ def serve_version(
         return None
     pv = get_version(s, task_id, version, tenant_id=tenant_id)
     if pv is None:
-        kept = [v for (v,) in s.execute(
-            select(PromptVersion.version).where(PromptVersion.task_id == task_id).order_by(PromptVersion.version)
-        )]
-        have = ", ".join(map(str, kept)) if kept else "none yet"
-        raise VersionNotFound(f"task {task_id} has no version {version} (versions kept: {have})")
+        kept = [v.version for v in list_versions(s, task_id, tenant_id=tenant_id)]
+        raise VersionNotFound(no_such_version(task_id, version, kept))
     if pv.fingerprint != fingerprint:
         raise VersionIncompatible(
             f"version {version} of task {task_id} was tuned on backbone {fingerprint_label(pv.fingerprint)}, "

@@ -427,8 +427,7 @@ async def task_events(
 def _version_of(d: overview.TaskDetail, version: int) -> PromptVersion:
     pv = next((v for v in d.versions if v.version == version), None)
     if pv is None:
-        have = ", ".join(str(v.version) for v in d.versions) or "none yet"
-        raise ApiError(404, f"task {d.task.id} has no version {version} (versions kept: {have})")
+        raise ApiError(404, repo.no_such_version(d.task.id, version, [v.version for v in d.versions]))
     return pv
 
 

@@ -247,7 +247,7 @@ def evaluate(
         kept = [v.version for v in repo.list_versions(s, task_id, tenant_id=tenant.id)]
         if not kept:
             raise ApiError(409, f"task {task_id} has no prompt version yet (status {task.status}); evaluate it once ready")
-        raise ApiError(404, f"task {task_id} has no version {chosen} (versions kept: {', '.join(map(str, kept))})")
+        raise ApiError(404, repo.no_such_version(task_id, chosen, kept))
     _check_backbone(state, task_id, pv)
     classes = _version_classes(state, pv)
 

@@ -178,9 +178,7 @@ def get_version(
 
 def no_such_version(s: DbSession, task_id: str, version: int, tenant_id: str) -> str:
     """The 404 detail for a version the task does not have, naming the ones it keeps."""
-    kept = [pv.version for pv in repo.list_versions(s, task_id, tenant_id=tenant_id)]
-    have = ", ".join(map(str, kept)) if kept else "none yet"
-    return f"task {task_id} has no version {version} (versions kept: {have})"
+    return repo.no_such_version(task_id, version, [pv.version for pv in repo.list_versions(s, task_id, tenant_id=tenant_id)])
 
 
 @router.post(
